@@ -1,0 +1,24 @@
+"""gumbelkit: Gumbel-Max, Gumbel-top-k and Gumbel-Softmax (Concrete) done right, for PyTorch.
+
+Example:
+    >>> import torch, gumbelkit as gk
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> y = gk.gumbel_softmax(torch.randn(4, 10), tau=0.5, hard=True, generator=gen)
+    >>> y.sum(-1).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+"""
+
+from .functional import gumbel_max, gumbel_softmax, gumbel_topk, log_gumbel_softmax
+from .noise import gumbel_noise, gumbel_noise_like
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "gumbel_max",
+    "gumbel_noise",
+    "gumbel_noise_like",
+    "gumbel_softmax",
+    "gumbel_topk",
+    "log_gumbel_softmax",
+]

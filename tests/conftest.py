@@ -1,0 +1,15 @@
+"""Shared test settings.
+
+Statistical tests: each uses its own fixed seed and states its threshold (usually p > 1e-3,
+or a 5-sigma band). With fixed seeds the outcome is deterministic; the thresholds bound how
+often a correct sampler would fail under a fresh seed (a false-alarm budget of about 1e-3 per test).
+"""
+
+import os
+
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import gumbelkit as gk
+from gumbelkit.noise import _standard_gumbel_
+from reference import EULER_GAMMA
+
+N = 1_000_000
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_standard_gumbel_matches_cdf_and_moments(dtype):
+    g = gk.gumbel_noise((N,), generator=gen(1), dtype=dtype).double().numpy()
+    # Kolmogorov-Smirnov against the Gumbel(0, 1) CDF exp(-exp(-x)); false-alarm rate 1e-3.
+    assert stats.kstest(g, stats.gumbel_r.cdf).pvalue > 1e-3
+    se_mean = math.sqrt(math.pi**2 / 6 / N)
+    assert abs(g.mean() - EULER_GAMMA) < 5 * se_mean
+    # Var of the sample variance ~ sigma^4 (2 + excess kurtosis 12/5) / N.
+    var = math.pi**2 / 6
+    assert abs(g.var() - var) < 5 * var * math.sqrt(4.4 / N)
+
+
+def test_loc_scale():
+    g = gk.gumbel_noise((200_000,), loc=2.0, scale=0.5, generator=gen(2), dtype=torch.float64)
+    assert stats.kstest(g.numpy(), stats.gumbel_r(loc=2.0, scale=0.5).cdf).pvalue > 1e-3
+    loc = torch.tensor([0.0, 10.0]).expand(100_000, 2)
+    g = gk.gumbel_noise((100_000, 2), loc=loc, generator=gen(3))
+    assert abs(g[:, 1].mean() - g[:, 0].mean() - 10.0) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_never_infinite_and_dtype(dtype):
+    g = gk.gumbel_noise_like(torch.empty(N, dtype=dtype), generator=gen(4))
+    assert g.dtype == dtype and g.shape == (N,)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transform_is_finite_at_the_ends_of_the_uniform_range(dtype, monkeypatch):
+    # The most extreme uniforms the draw can return: `tiny` and the largest value below 1.
+    tiny, top = torch.finfo(dtype).tiny, 1.0 - torch.finfo(dtype).eps / 2
+    ends = iter([tiny, top])
+
+    def fake_uniform_(self, a, b, generator=None):
+        assert a == tiny and b == 1.0  # the draw excludes 0
+        return self.fill_(next(ends))
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
+    for _ in range(2):
+        assert torch.isfinite(_standard_gumbel_(torch.empty(3, dtype=dtype), None)).all()
+
+
+def test_half_is_rounded_from_float32():
+    a = gk.gumbel_noise((1000,), generator=gen(5), dtype=torch.float32)
+    b = gk.gumbel_noise((1000,), generator=gen(5), dtype=torch.float16)
+    assert torch.equal(a.half(), b)
+
+
+def test_reproducible_and_generator_advances():
+    g = gen(7)
+    a, b = gk.gumbel_noise((5, 7), generator=g), gk.gumbel_noise((5, 7), generator=g)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, gk.gumbel_noise((5, 7), generator=gen(7)))
+    assert torch.equal(gk.gumbel_noise_like(a, generator=gen(7)), a)
+
+
+def test_default_generator_follows_manual_seed():
+    torch.manual_seed(11)
+    a = gk.gumbel_noise((10,))
+    torch.manual_seed(11)
+    assert torch.equal(a, gk.gumbel_noise((10,)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"scale": 0.0}, ValueError, "scale"),
+        ({"scale": -1.0}, ValueError, "scale"),
+        ({"loc": float("nan")}, ValueError, "loc"),
+        ({"scale": float("inf")}, ValueError, "scale"),
+        ({"dtype": torch.int64}, TypeError, "dtype"),
+        ({"generator": 3}, TypeError, "generator"),
+        ({"device": "meta", "generator": torch.Generator()}, ValueError, "generator"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        gk.gumbel_noise((3,), **kwargs)
+
+
+def test_bad_shape_and_like():
+    with pytest.raises(ValueError, match="shape"):
+        gk.gumbel_noise((3, -1))
+    with pytest.raises(TypeError, match="floating"):
+        gk.gumbel_noise_like(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="Tensor"):
+        gk.gumbel_noise_like([1.0, 2.0])
