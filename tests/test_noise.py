@@ -102,3 +102,26 @@ def test_bad_shape_and_like():
         gk.gumbel_noise_like(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="Tensor"):
         gk.gumbel_noise_like([1.0, 2.0])
+
+
+def test_parallel_chunked_draw_is_gumbel_and_thread_count_invariant():
+    from gumbelkit.noise import PARALLEL_CHUNK
+
+    n = 3 * PARALLEL_CHUNK + 12345  # several chunks and a ragged last one
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gk.gumbel_noise((n,), generator=gen(40), dtype=torch.float64)
+        torch.set_num_threads(2)
+        two = gk.gumbel_noise((n,), generator=gen(40), dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert stats.kstest(one.numpy(), stats.gumbel_r.cdf).pvalue > 1e-3
+    # chunks come from different streams: no chunk repeats another, and neighbours are uncorrelated
+    c = one[: 3 * PARALLEL_CHUNK].view(3, PARALLEL_CHUNK)
+    for i, j in ((0, 1), (1, 2), (0, 2)):
+        r = torch.corrcoef(torch.stack([c[i], c[j]]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(PARALLEL_CHUNK)
+    # and the ragged tail is distributed like the rest
+    assert stats.kstest(one[3 * PARALLEL_CHUNK:].numpy(), stats.gumbel_r.cdf).pvalue > 1e-3

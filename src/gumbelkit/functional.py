@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ._kernels.gumbel_softmax import gumbel_softmax_from_noise, perturb, scores_for_softmax
+from ._kernels.gumbel_softmax import GumbelSoftmaxFunction, scale_scores_, subtract_noise
 from ._validation import (
     check_generator,
     check_logits,
@@ -20,7 +20,7 @@ from ._validation import (
     check_tau,
     normalize_dim,
 )
-from .noise import gumbel_noise_like
+from .noise import neg_gumbel_like
 
 __all__ = ["gumbel_max", "gumbel_softmax", "gumbel_topk", "log_gumbel_softmax"]
 
@@ -93,8 +93,9 @@ def gumbel_softmax(
     tau = check_tau(tau, logits, dim)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    noise = gumbel_noise_like(logits, generator=generator)
-    return gumbel_softmax_from_noise(logits, tau, noise, mask, hard, dim)
+    draw = lambda: neg_gumbel_like(logits, generator)  # noqa: E731
+    out = GumbelSoftmaxFunction.apply(logits, tau, draw, mask, hard, dim)
+    return out[0] if hard else out
 
 
 def log_gumbel_softmax(
@@ -124,9 +125,11 @@ def log_gumbel_softmax(
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
     tau = check_tau(tau, logits, dim)
-    noise = gumbel_noise_like(logits, generator=generator)
-    x = scores_for_softmax(perturb(logits, noise, mask), logits, mask, dim, tau)
-    out = torch.log_softmax(x, dim)
+    x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
+    row_max = x.detach().amax(dim, keepdim=True)
+    check_rows(row_max, logits, mask, dim)
+    x = scale_scores_(x, row_max, tau)
+    out = torch.log_softmax(x, dim) if x.requires_grad else torch._log_softmax(x, dim, False, out=x)
     if out.dtype != logits.dtype:
         # A half-precision log-probability below the lowest finite value saturates there
         # instead of becoming -inf; only impossible categories are -inf.
@@ -162,7 +165,7 @@ def gumbel_max(
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
     with torch.no_grad():
-        x = perturb(logits, gumbel_noise_like(logits, generator=generator), mask)
+        x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
         values, indices = x.max(dim, keepdim=True)
         check_rows(values, logits, mask, dim)
     return indices if keepdim else indices.squeeze(dim)
@@ -201,7 +204,7 @@ def gumbel_topk(
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of categories {n} along dim={dim}")
     with torch.no_grad():
-        x = perturb(logits, gumbel_noise_like(logits, generator=generator), mask)
+        x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
         values, indices = x.topk(k, dim)
         check_rows(values.narrow(dim, 0, 1), logits, mask, dim)
         kth = values.narrow(dim, k - 1, 1)

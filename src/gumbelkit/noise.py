@@ -3,12 +3,21 @@
 The noise contract: every sampler in gumbelkit that draws Gumbel noise on the CPU draws
 exactly ``gumbel_noise_like(logits, generator=generator)``. Seed a generator, call the
 sampler, seed it again and call ``gumbel_noise_like``: you get the noise the sampler used.
+
+Speed: torch draws CPU uniforms serially (one Mersenne Twister), which would make the noise
+the bottleneck of every sampler. Tensors of at least ``PARALLEL_CHUNK`` elements are
+therefore filled in chunks of ``PARALLEL_CHUNK`` elements, chunk ``i`` from its own
+generator seeded with the ``i``-th of a batch of 64-bit seeds drawn from ``generator``, on
+up to ``torch.get_num_threads()`` threads. The draw is a pure function of the generator
+state and the shape: it never depends on the thread count or scheduling.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from numbers import Real
 
 import torch
@@ -18,11 +27,61 @@ from ._validation import check_generator, compute_dtype
 __all__ = ["gumbel_noise", "gumbel_noise_like"]
 
 
-def _standard_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+PARALLEL_CHUNK = 1 << 20
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gumbelkit-noise")
+
+
+def _uniform_(buf: torch.Tensor, low: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``buf.uniform_(low, 1)``; large contiguous CPU buffers are filled in seeded chunks in parallel."""
+    n = buf.numel()
+    if buf.device.type != "cpu" or n < PARALLEL_CHUNK:
+        return buf.uniform_(low, 1.0, generator=generator)
+    flat = buf.view(-1)
+    starts = range(0, n, PARALLEL_CHUNK)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (len(starts),), dtype=torch.int64, generator=generator).tolist()
+
+    def fill(job: tuple[int, int]) -> None:
+        start, seed = job
+        chunk_gen = torch.Generator().manual_seed(seed & (2**64 - 1))
+        flat[start:start + PARALLEL_CHUNK].uniform_(low, 1.0, generator=chunk_gen)
+
+    workers = min(torch.get_num_threads(), len(starts))
+    jobs = list(zip(starts, seeds, strict=True))
+    if workers <= 1:
+        for job in jobs:
+            fill(job)
+    else:
+        list(_pool(workers).map(fill, jobs))
+    return buf
+
+
+def _neg_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``buf`` with ``log(-log U)``, i.e. *minus* a standard Gumbel draw, in place.
+
+    Samplers subtract this from the logits (``logits - L`` equals ``logits + g`` bit for bit),
+    which saves the final negation pass.
+    """
     # U is drawn on [tiny, 1): both logs stay finite, so g lies in about [-4.5, 16.6] in
     # float32 and [-6.6, 36.7] in float64 and is never +-inf or NaN.
-    tiny = torch.finfo(buf.dtype).tiny
-    return buf.uniform_(tiny, 1.0, generator=generator).log_().neg_().log_().neg_()
+    return _uniform_(buf, torch.finfo(buf.dtype).tiny, generator).log_().neg_().log_()
+
+
+def _standard_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return _neg_gumbel_(buf, generator).neg_()
+
+
+def neg_gumbel_like(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``-gumbel_noise_like(t)`` in the compute dtype of ``t``, in a fresh buffer the caller owns."""
+    cdtype = compute_dtype(t.dtype)
+    buf = _neg_gumbel_(torch.empty(t.shape, dtype=cdtype, device=t.device), generator)
+    if cdtype != t.dtype:
+        # the noise contract rounds half-precision noise; rounding commutes with negation
+        buf = buf.to(t.dtype).to(cdtype)
+    return buf
 
 
 def _standard_gumbel(shape: Sequence[int], dtype: torch.dtype, device: torch.device,

@@ -1,8 +1,11 @@
-"""Gumbel-Softmax as one autograd Function with a closed-form backward pass.
+"""Gumbel-Softmax as one autograd Function with a closed-form backward pass (the CPU/torch path).
 
-Forward: ``y = softmax((logits + g - m) / tau)`` where ``m`` is the row maximum of
-``logits + g`` (softmax is shift invariant, and subtracting it first means no temperature
-can overflow the division). Only ``y`` is saved. Backward, with upstream gradient ``G``:
+Forward: ``y = softmax((logits + g) / tau)``, computed in a single buffer: the noise buffer
+holds ``L = -g`` (see :func:`gumbelkit.noise.neg_gumbel_like`), ``logits - L`` is written over
+it, divided by ``tau`` in place and soft-maxed in place, so the forward allocates one tensor.
+The row maximum ``m`` of ``logits + g`` is computed once: it validates every row (NaN, +inf,
+nothing allowed) and, only where ``m / tau`` would overflow, is subtracted first (softmax is
+shift invariant). Only ``y`` is saved. Backward, with upstream gradient ``G``:
 
     dL/dlogits = (1 / tau) * y * (G - sum(G * y))
     dL/dtau    = -(1 / tau) * sum(w * log y),   w = y * (G - sum(G * y))
@@ -13,61 +16,82 @@ per-row constant, so ``log y`` stands in for the pre-softmax scores we did not s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import FunctionCtx
 
 from .._validation import check_rows, compute_dtype
 
-__all__ = ["GumbelSoftmaxFunction", "gumbel_softmax_from_noise", "perturb", "scores_for_softmax"]
+__all__ = [
+    "GumbelSoftmaxFunction",
+    "gumbel_softmax_from_noise",
+    "perturb",
+    "scale_scores_",
+    "subtract_noise",
+]
 
 _NEG_INF = float("-inf")
 
 
-def perturb(logits: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``logits + noise`` in the compute dtype, masked entries set to -inf.
+def subtract_noise(logits: torch.Tensor, neg_noise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits - neg_noise`` (= ``logits + g``) with masked entries at -inf.
 
-    Writes into ``noise`` when it already has the compute dtype (callers pass a fresh
-    buffer they own), so the perturbed scores cost no extra allocation.
+    Written over ``neg_noise`` (a fresh compute-dtype buffer the caller owns) unless ``logits``
+    requires grad, in which case a new tensor is made so autograd can track it.
     """
-    cdtype = compute_dtype(logits.dtype)
-    if noise.dtype == cdtype and noise.shape == logits.shape and not noise.requires_grad:
-        x = noise.add_(logits)
+    if logits.requires_grad and torch.is_grad_enabled():
+        x = logits.to(neg_noise.dtype) - neg_noise
     else:
-        x = logits.to(cdtype) + noise.to(cdtype)
+        x = torch.sub(logits, neg_noise, out=neg_noise)
     if mask is not None:
-        x = x.masked_fill_(~mask, _NEG_INF)
+        x = x.masked_fill(~mask, _NEG_INF) if x.requires_grad else x.masked_fill_(~mask, _NEG_INF)
     return x
 
 
-def scores_for_softmax(x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None, dim: int,
-                       tau: float | torch.Tensor) -> torch.Tensor:
-    """``(x - rowmax(x)) / tau`` in place, validating every row on the way."""
-    m = x.amax(dim, keepdim=True).detach()
-    check_rows(m, logits, mask, dim)
-    x = x.sub_(m) if not x.requires_grad else x - m
+def perturb(logits: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits + noise`` in the compute dtype (a new tensor), masked entries set to -inf."""
+    return subtract_noise(logits, noise.to(compute_dtype(logits.dtype)).neg(), mask)
+
+
+def scale_scores_(x: torch.Tensor, row_max: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """``x / tau``, shifted by the row maximum first only where the division would overflow.
+
+    In place when ``x`` does not require grad. ``row_max`` must already be validated (finite).
+    """
+    inplace = not x.requires_grad
     if isinstance(tau, torch.Tensor):
         tau = tau.to(x.dtype)
-        return x.div_(tau) if not x.requires_grad and not tau.requires_grad else x / tau
-    if tau != 1.0:
-        x = x.div_(tau) if not x.requires_grad else x / tau
-    return x
+        inplace = inplace and not tau.requires_grad
+    elif tau == 1.0:
+        return x
+    if not bool(torch.isfinite(row_max / tau).all()):
+        x = x.sub_(row_max) if inplace else x - row_max.detach()
+    return x.div_(tau) if inplace else x / tau
 
 
 class GumbelSoftmaxFunction(torch.autograd.Function):
     """Soft or straight-through hard Gumbel-Softmax on given noise (Jang et al. 2017).
 
-    Returns ``y`` when soft and ``(one_hot, y)`` when hard: the soft sample is an output
-    in both modes, so the saved tensor is an output and double backward stays correct.
+    ``draw_neg_noise()`` returns ``-g`` in a fresh buffer that the forward overwrites (a
+    callable rather than a tensor input, so autograd does not see a modified input).
+    Returns ``y`` when soft and
+    ``(one_hot, y)`` when hard: the soft sample is an output in both modes, so the saved
+    tensor is an output and double backward stays correct.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, logits: torch.Tensor, tau: float | torch.Tensor, noise: torch.Tensor,
-                mask: torch.Tensor | None, hard: bool, dim: int):
-        x = scores_for_softmax(perturb(logits, noise, mask), logits, mask, dim, tau)
-        y = torch.softmax(x, dim)
-        del x
-        index = y.argmax(dim, keepdim=True) if hard else None
-        y = y.to(logits.dtype)
+    def forward(ctx: FunctionCtx, logits: torch.Tensor, tau: float | torch.Tensor,
+                draw_neg_noise: Callable[[], torch.Tensor], mask: torch.Tensor | None, hard: bool, dim: int):
+        x = subtract_noise(logits, draw_neg_noise(), mask)
+        if hard:
+            # the one-hot is argmax(logits + g): exactly gumbel_max's draw on the same noise
+            row_max, index = x.max(dim, keepdim=True)
+        else:
+            row_max = x.amax(dim, keepdim=True)
+        check_rows(row_max, logits, mask, dim)
+        x = scale_scores_(x, row_max, tau)
+        y = torch._softmax(x, dim, False, out=x).to(logits.dtype)
         ctx.dim = dim
         if isinstance(tau, torch.Tensor):
             ctx.tau = None
@@ -87,20 +111,24 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         tau_t = rest[0] if rest else None
         cdtype = compute_dtype(y.dtype)
         yc = y.to(cdtype)
-        gc = sum(g.to(cdtype) for g in grads)
-        w = yc * (gc - (gc * yc).sum(ctx.dim, keepdim=True))
+        gc = grads[0].to(cdtype) if len(grads) == 1 else grads[0].to(cdtype) + grads[1].to(cdtype)
+        w = gc * yc
+        w = w.addcmul_(yc, w.sum(ctx.dim, keepdim=True), value=-1.0)  # y * (G - <G, y>)
         tau = tau_t.to(cdtype) if tau_t is not None else ctx.tau
         grad_logits = grad_tau = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = (w / tau if tau_t is not None or tau != 1.0 else w).to(y.dtype)
         if tau_t is not None and ctx.needs_input_grad[1]:
             g = torch.xlogy(w, yc).sum(ctx.dim, keepdim=True).div(tau).neg()
             grad_tau = g.sum_to_size(tau_t.shape).to(tau_t.dtype)
+        if ctx.needs_input_grad[0]:
+            if tau_t is not None or tau != 1.0:
+                w = w.div_(tau) if not torch.is_grad_enabled() else w / tau
+            grad_logits = w.to(y.dtype)
         return grad_logits, grad_tau, None, None, None, None
 
 
 def gumbel_softmax_from_noise(logits: torch.Tensor, tau: float | torch.Tensor, noise: torch.Tensor,
                               mask: torch.Tensor | None, hard: bool, dim: int) -> torch.Tensor:
-    """Apply :class:`GumbelSoftmaxFunction` to validated arguments; returns only the sample."""
-    out = GumbelSoftmaxFunction.apply(logits, tau, noise, mask, hard, dim)
+    """Gumbel-Softmax of validated arguments on given Gumbel ``noise`` (not modified)."""
+    cdtype = compute_dtype(logits.dtype)
+    out = GumbelSoftmaxFunction.apply(logits, tau, lambda: noise.to(cdtype).neg(), mask, hard, dim)
     return out[0] if hard else out
