@@ -10,6 +10,7 @@ just before the call, with the inputs already allocated.
     python benchmarks/bench_core.py                      # full run, prints a table
     python benchmarks/bench_core.py --write-docs         # ... and writes docs/benchmarks.md + chart
     python benchmarks/bench_core.py --quick              # small shapes, a smoke test
+    python benchmarks/bench_core.py --device cuda        # GPU: fused Triton kernels vs torch, and vs a copy
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import gumbelkit as gk
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [(4096, 1024), (512, 32768), (64, 131072)]
+GPU_SHAPES = [(4096, 32768)]
 QUICK_SHAPES = [(64, 256)]
 TAU = 0.5
 
@@ -47,6 +49,14 @@ TARGETS = {
     "gumbel_topk k=8": 3.0,
 }
 MEMORY_TARGET = 0.6  # gumbelkit peak growth / torch peak growth, forward pass
+GPU_TARGETS = {"gumbel_softmax fwd+bwd soft": 2.0, "gumbel_softmax fwd+bwd hard": 2.0,
+               "gumbel_softmax fwd vs copy": 1 / 1.5}
+
+
+def target_for(row: dict) -> float | None:
+    if row["dtype"] != "float32":
+        return None
+    return (GPU_TARGETS if row.get("device") == "cuda" else TARGETS).get(row["op"])
 
 
 @dataclass
@@ -103,6 +113,10 @@ OPS: dict[str, tuple[str, Callable]] = {
     "gumbel_topk k=8": ("multinomial(softmax, 8, no repl.)", _topk),
     "log_gumbel_softmax": ("ExpRelaxedCategorical.rsample", _log),
 }
+# GPU target: the fused forward within 1.5x of a device-to-device copy of the same tensor.
+COPY_OP = "gumbel_softmax fwd vs copy"
+OPS_GPU = {COPY_OP: ("x.clone() (copy)", lambda x, g: ((lambda: x.clone()), (lambda: gk.gumbel_softmax(
+    x, TAU, generator=g))))}
 MEMORY_OPS = {"gumbel_softmax fwd", "gumbel_max", "gumbel_topk k=8", "log_gumbel_softmax"}
 
 
@@ -113,6 +127,17 @@ def cases(shapes: list[tuple[int, int]], with_bf16: bool = True) -> list[Case]:
         out += [Case(op, OPS[op][0], s, torch.bfloat16, OPS[op][1])
                 for op in ("gumbel_softmax fwd", "gumbel_softmax fwd+bwd soft")]
     return out
+
+
+def _synced(fn: Callable, device: torch.device) -> Callable:
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
 
 
 def time_pair(base: Callable, ours: Callable, rounds: int, min_time: float) -> tuple[list[float], list[float]]:
@@ -196,15 +221,20 @@ def machine() -> str:
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    todo = cases(shapes, with_bf16=not args.quick)
+    if device.type == "cuda":
+        todo = [Case(op, base, s, torch.float32, make) for s in GPU_SHAPES
+                for op, (base, make) in {**OPS, **OPS_GPU}.items()]
+        args.memory = False
+    else:
+        todo = cases(QUICK_SHAPES if args.quick else SHAPES, with_bf16=not args.quick)
     if args.ops:
         todo = [c for c in todo if any(o in c.op for o in args.ops)]
     for i, c in enumerate(todo):
-        x = torch.randn(c.shape, generator=torch.Generator().manual_seed(0)).to(c.dtype)
-        base, ours = c.make(x, torch.Generator().manual_seed(1))
-        tb, to = time_pair(base, ours, args.rounds, args.min_time)
+        x = torch.randn(c.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=c.dtype)
+        base, ours = c.make(x, torch.Generator(device=device).manual_seed(1))
+        tb, to = time_pair(_synced(base, device), _synced(ours, device), args.rounds, args.min_time)
         qb, qo = quantiles(tb), quantiles(to)
         row = {"op": c.op, "baseline": c.baseline_name, "shape": list(c.shape),
                "dtype": str(c.dtype).removeprefix("torch."), "torch_ms": qb[1] * 1e3, "gk_ms": qo[1] * 1e3,
@@ -214,6 +244,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             mem = measure_memory(c.op, c.shape, c.dtype)
             row["torch_mb"], row["gk_mb"] = mem["torch"], mem["gumbelkit"]
             row["mem_ratio"] = mem["gumbelkit"] / mem["torch"] if mem["torch"] > 0 else float("nan")
+        row["device"] = device.type
         rows.append(row)
         print(f"[{i + 1}/{len(todo)}] {c.op:28s} {c.shape!s:14s} {row['dtype']:8s} "
               f"torch {row['torch_ms']:8.2f} ms  gumbelkit {row['gk_ms']:8.2f} ms  x{row['ratio']:.2f}"
@@ -232,7 +263,7 @@ def print_table(rows: list[dict]) -> None:
     for col in ("operation", "shape", "dtype", "torch", "gumbelkit", "ratio", "target", "peak MB gk/torch"):
         t.add_column(col)
     for r in rows:
-        target = TARGETS.get(r["op"]) if r["dtype"] == "float32" else None
+        target = target_for(r)
         ok = "" if target is None else ("met" if r["ratio"] >= target else "MISSED")
         mem = f"{r['gk_mb']:.1f}/{r['torch_mb']:.1f}" if "gk_mb" in r else ""
         t.add_row(r["op"], "x".join(map(str, r["shape"])), r["dtype"], f"{r['torch_ms']:.2f}",
@@ -260,7 +291,7 @@ def write_docs(rows: list[dict], command: str, md: Path, png: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        target = TARGETS.get(r["op"]) if r["dtype"] == "float32" else None
+        target = target_for(r)
         tgt = "" if target is None else f">= {target}: {'met' if r['ratio'] >= target else '**missed**'}"
         mem = (f"{r['torch_mb']:.1f} | {r['gk_mb']:.1f} | {r['mem_ratio']:.2f} "
                f"({'met' if r['mem_ratio'] <= MEMORY_TARGET else '**missed**'})") if "gk_mb" in r else " | | "
@@ -286,7 +317,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
     labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))} {r['dtype']}" for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.5))
-    colors = ["tab:green" if r["ratio"] >= TARGETS.get(r["op"], 1.0) else "tab:orange" for r in rows]
+    colors = ["tab:green" if r["ratio"] >= (target_for(r) or 1.0) else "tab:orange" for r in rows]
     ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
@@ -302,14 +333,15 @@ def plot(rows: list[dict], png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the Triton kernels")
     p.add_argument("--rounds", type=int, default=15, help="minimum alternating rounds per case")
     p.add_argument("--min-time", type=float, default=1.0, help="minimum seconds per case")
     p.add_argument("--quick", action="store_true", help="tiny shapes, no bf16 (smoke test)")
     p.add_argument("--ops", nargs="*", help="only operations whose name contains one of these")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--write-docs", action="store_true")
-    p.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--png", type=Path, default=ROOT / "docs" / "images" / "benchmarks.png")
+    p.add_argument("--md", type=Path, help="default: docs/benchmarks.md (cpu) or docs/benchmarks_gpu.md")
+    p.add_argument("--png", type=Path, help="default: docs/images/benchmarks[_gpu].png")
     p.add_argument("--json", type=Path, help="also dump the rows as JSON")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -322,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.write_docs:
+        suffix = "_gpu" if args.device.startswith("cuda") else ""
+        args.md = args.md or ROOT / "docs" / f"benchmarks{suffix}.md"
+        args.png = args.png or ROOT / "docs" / "images" / f"benchmarks{suffix}.png"
         command = "python benchmarks/bench_core.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_docs(rows, command.strip(), args.md, args.png)
     return 0

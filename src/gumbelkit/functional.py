@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from ._kernels.dispatch import triton_kernels
 from ._kernels.gumbel_softmax import GumbelSoftmaxFunction, scale_scores_, subtract_noise
 from ._validation import (
     check_generator,
@@ -93,8 +94,13 @@ def gumbel_softmax(
     tau = check_tau(tau, logits, dim)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    draw = lambda: neg_gumbel_like(logits, generator)  # noqa: E731
-    out = GumbelSoftmaxFunction.apply(logits, tau, draw, mask, hard, dim)
+    kernels = triton_kernels(logits)
+    if kernels is not None and mask is None and not isinstance(tau, torch.Tensor):
+        seed = kernels.draw_seed(logits.device, generator)
+        out = kernels.TritonGumbelSoftmaxFunction.apply(logits, tau, seed, hard, dim)
+    else:
+        draw = lambda: neg_gumbel_like(logits, generator)  # noqa: E731
+        out = GumbelSoftmaxFunction.apply(logits, tau, draw, mask, hard, dim)
     return out[0] if hard else out
 
 
@@ -164,7 +170,11 @@ def gumbel_max(
         [0.1, 0.2, 0.7]
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
+    kernels = triton_kernels(logits)
     with torch.no_grad():
+        if kernels is not None and mask is None:
+            indices = kernels.triton_gumbel_max(logits, dim, kernels.draw_seed(logits.device, generator))
+            return indices.unsqueeze(dim) if keepdim else indices
         x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
         values, indices = x.max(dim, keepdim=True)
         check_rows(values, logits, mask, dim)
