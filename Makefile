@@ -3,31 +3,38 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.gumbelkit-installed
+DEMO_STAMP := $(VENV)/.gumbelkit-demo
+TEST_STAMP := $(VENV)/.gumbelkit-test
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(DEMO_STAMP): pyproject.toml requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[demo,test,triton]'
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py $(DEMO_ARGS)
+demo: $(DEMO_STAMP)
+	$(BIN)/gumbelkit demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/bench_core.py --write-docs
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
 clean:

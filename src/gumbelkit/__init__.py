@@ -8,12 +8,29 @@ Example:
     [1.0, 1.0, 1.0, 1.0]
 """
 
+from . import nn, schedules
 from .functional import gumbel_max, gumbel_softmax, gumbel_topk, log_gumbel_softmax
+from .nn import CategoricalVAE, GumbelSoftmax, GumbelVectorQuantizer
 from .noise import gumbel_noise, gumbel_noise_like
+from .schedules import (
+    ConstantSchedule,
+    CosineSchedule,
+    ExponentialSchedule,
+    LearnableTemperature,
+    LinearSchedule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CategoricalVAE",
+    "ConstantSchedule",
+    "CosineSchedule",
+    "ExponentialSchedule",
+    "GumbelSoftmax",
+    "GumbelVectorQuantizer",
+    "LearnableTemperature",
+    "LinearSchedule",
     "__version__",
     "gumbel_max",
     "gumbel_noise",
@@ -21,4 +38,6 @@ __all__ = [
     "gumbel_softmax",
     "gumbel_topk",
     "log_gumbel_softmax",
+    "nn",
+    "schedules",
 ]
