@@ -205,6 +205,24 @@ def test_log_gumbel_softmax_gradient_matches_reference():
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
+def test_log_gumbel_softmax_tau_gradient_with_impossible_categories():
+    logits = torch.tensor([[0.5, float("-inf"), 1.0, -2.0], [0.0, 1.0, float("-inf"), float("-inf")]])
+    logits.requires_grad_()
+    tau = torch.tensor([[0.7], [1.3]], requires_grad=True)
+    lg = gk.log_gumbel_softmax(logits, tau, generator=gen(29))
+    allowed = torch.isfinite(logits.detach())
+    loss = lg[allowed].sum()
+    g_logits, g_tau = torch.autograd.grad(loss, [logits, tau])
+    assert torch.isfinite(g_logits).all() and torch.isfinite(g_tau).all()
+    # against a float64 reference computed on each row's allowed entries only
+    noise = gk.gumbel_noise_like(logits, generator=gen(29))
+    l64, t64 = logits.detach().double().requires_grad_(), tau.detach().double().requires_grad_()
+    want = sum(ref.log_gumbel_softmax(l64[r][allowed[r]], noise[r][allowed[r]], t64[r]).sum() for r in range(2))
+    e_logits, e_tau = torch.autograd.grad(want, [l64, t64])
+    torch.testing.assert_close(g_tau.double(), e_tau, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_logits.double(), e_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_double_backward_matches_reference():
     """Higher-order gradients (e.g. gradient penalties) are right in both modes."""
     logits = torch.randn(3, 4, dtype=torch.float64, generator=gen(27)).requires_grad_()

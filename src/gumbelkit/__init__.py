@@ -8,7 +8,7 @@ Example:
     [1.0, 1.0, 1.0, 1.0]
 """
 
-from . import nn, schedules
+from . import distributions, nn, schedules, structured
 from .functional import gumbel_max, gumbel_softmax, gumbel_topk, log_gumbel_softmax
 from .nn import CategoricalVAE, GumbelSoftmax, GumbelVectorQuantizer
 from .noise import gumbel_noise, gumbel_noise_like
@@ -19,6 +19,7 @@ from .schedules import (
     LearnableTemperature,
     LinearSchedule,
 )
+from .structured import gumbel_sinkhorn, matching, relaxed_topk
 
 __version__ = "0.1.0"
 
@@ -32,12 +33,17 @@ __all__ = [
     "LearnableTemperature",
     "LinearSchedule",
     "__version__",
+    "distributions",
     "gumbel_max",
     "gumbel_noise",
     "gumbel_noise_like",
+    "gumbel_sinkhorn",
     "gumbel_softmax",
     "gumbel_topk",
     "log_gumbel_softmax",
+    "matching",
     "nn",
+    "relaxed_topk",
     "schedules",
+    "structured",
 ]

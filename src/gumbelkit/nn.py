@@ -27,12 +27,14 @@ from ._validation import (
     compute_dtype,
     normalize_dim,
 )
+from .distributions import HardConcrete
 from .functional import gumbel_max, gumbel_softmax, log_gumbel_softmax
 
 __all__ = [
     "CategoricalVAE",
     "GumbelSoftmax",
     "GumbelVectorQuantizer",
+    "L0Gate",
     "VAEOutput",
     "VQOutput",
 ]
@@ -377,3 +379,84 @@ class CategoricalVAE(nn.Module):
         log_prior = -self.n_latents * math.log(self.n_classes)
         log_px_z = -self.nll(x, F.one_hot(idx, self.n_classes).to(logits.dtype))
         return torch.logsumexp(log_px_z + log_prior - log_q, 0) - math.log(m)
+
+
+class L0Gate(nn.Module):
+    r"""Hard Concrete gates for L0 regularization (Louizos, Welling and Kingma 2018).
+
+    Holds one learnable :math:`\log\alpha` per gate; ``forward(x)`` multiplies the trailing
+    dimensions ``shape`` of ``x`` by gates :math:`z \sim` :class:`~gumbelkit.distributions.HardConcrete`
+    :math:`(\tau, \log\alpha; \gamma, \zeta)`, which are exactly 0 with positive probability:
+
+    .. math::
+        z = \min\big(1, \max(0, \gamma + (\zeta - \gamma)\,\sigma((\log\alpha + g_1 - g_2)/\tau))\big),
+        \qquad \mathbb E\,\|z\|_0 = \sum_j \sigma\big(\log\alpha_j - \tau\log(-\gamma/\zeta)\big).
+
+    In training mode every leading index of ``x`` (every example) gets its own gates, as in the
+    paper's code; in ``eval()`` mode the gates are the deterministic median
+    :math:`\min(1, \max(0, \gamma + (\zeta-\gamma)\,\sigma(\log\alpha/\tau)))` (the paper's
+    test-time estimator uses :math:`\sigma(\log\alpha)`, the same at :math:`\tau = 1`). Add
+    ``lam * gate.expected_l0()`` to the loss to penalize the expected number of open gates.
+
+    Args:
+        shape: the gated trailing shape of the input (an int or a tuple).
+        temperature: :math:`\tau > 0` (the paper: 2/3).
+        lower: :math:`\gamma < 0` (the paper: -0.1).
+        upper: :math:`\zeta > 1` (the paper: 1.1).
+        init_prob_nonzero: the probability in (0, 1) that each gate is nonzero at initialization.
+
+    Example:
+        >>> gate = L0Gate(5)
+        >>> y = gate(torch.ones(3, 5), generator=torch.Generator().manual_seed(0))
+        >>> y.shape, round(gate.expected_l0().item(), 2)  # 5 gates, each open w.p. 0.9
+        (torch.Size([3, 5]), 4.5)
+        >>> [round(v, 2) for v in gate.eval()(torch.ones(2, 5))[0].tolist()]  # the median gates
+        [0.75, 0.75, 0.75, 0.75, 0.75]
+    """
+
+    def __init__(self, shape: int | Sequence[int], temperature: float = 2 / 3, lower: float = -0.1,
+                 upper: float = 1.1, *, init_prob_nonzero: float = 0.9) -> None:
+        super().__init__()
+        shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else tuple(shape)
+        if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+            raise ValueError(f"shape must be a positive int or a non-empty tuple of them, got {shape!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if not 0 < init_prob_nonzero < 1:
+            raise ValueError(f"init_prob_nonzero must be in (0, 1), got {init_prob_nonzero!r}")
+        # checks temperature > 0, lower < 0 and upper > 1 with the distribution's messages
+        HardConcrete(temperature, torch.zeros(()), lower=lower, upper=upper, validate_args=True)
+        self.shape, self.temperature, self.lower, self.upper = shape, float(temperature), lower, upper
+        self.init_prob_nonzero = float(init_prob_nonzero)
+        self.log_alpha = nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set every :math:`\\log\\alpha` so that ``P(z != 0) = init_prob_nonzero``."""
+        p = self.init_prob_nonzero
+        with torch.no_grad():
+            self.log_alpha.fill_(math.log(p / (1 - p)) + self.temperature * math.log(-self.lower / self.upper))
+
+    def distribution(self) -> HardConcrete:
+        """The gates' :class:`~gumbelkit.distributions.HardConcrete` distribution."""
+        return HardConcrete(self.temperature, self.log_alpha, lower=self.lower, upper=self.upper)
+
+    def expected_l0(self) -> torch.Tensor:
+        """The expected number of nonzero gates, differentiable in ``log_alpha`` (the L0 penalty)."""
+        return self.distribution().prob_nonzero().sum()
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = check_logits(x, "x")
+        n = len(self.shape)
+        if tuple(x.shape[x.dim() - n:]) != self.shape:
+            raise ValueError(f"x of shape {tuple(x.shape)} does not end in the gate shape {self.shape}")
+        d = self.distribution()
+        if self.training:
+            z = d.rsample(x.shape[: x.dim() - n], generator=generator)
+        else:
+            z = d.icdf(torch.tensor(0.5, device=x.device))
+        return x * z.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, temperature={self.temperature:.4g}, lower={self.lower}, "
+                f"upper={self.upper}")

@@ -67,7 +67,13 @@ def scale_scores_(x: torch.Tensor, row_max: torch.Tensor, tau: float | torch.Ten
         return x
     if not bool(torch.isfinite(row_max / tau).all()):
         x = x.sub_(row_max) if inplace else x - row_max.detach()
-    return x.div_(tau) if inplace else x / tau
+    if inplace:
+        return x.div_(tau)
+    if isinstance(tau, torch.Tensor) and tau.requires_grad:
+        # d(x / tau)/dtau = -x / tau^2 is infinite at impossible (-inf) entries: keep them out of the graph
+        impossible = torch.isneginf(x.detach())
+        return (x.masked_fill(impossible, 0.0) / tau).masked_fill(impossible, _NEG_INF)
+    return x / tau
 
 
 class GumbelSoftmaxFunction(torch.autograd.Function):

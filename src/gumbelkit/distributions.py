@@ -1,0 +1,818 @@
+r"""Relaxed distributions with exact, log-space densities, as ``torch.distributions`` classes.
+
+- :class:`ExpConcrete` and :class:`Concrete` (alias ``RelaxedOneHotCategorical``): the relaxed
+  one-hot of Maddison, Mnih and Teh (2017) and Jang, Gu and Poole (2017), in log space and on
+  the simplex.
+- :class:`BinaryConcrete` (alias ``RelaxedBernoulli``): the two-category case on (0, 1),
+  parameterized by logits.
+- :class:`HardConcrete`: the stretched and clipped Binary Concrete of Louizos, Welling and
+  Kingma (2018) for L0 gates, with point masses at 0 and 1.
+- :class:`PlackettLuce` (alias ``GumbelTopK``): ordered samples without replacement.
+
+Every sampler draws its noise through :mod:`gumbelkit.noise` (the noise contract) and takes a
+``generator=``; densities are computed in log space (float32 for half precision), so they stay
+finite at small temperatures, for many categories and for samples that rounded onto the
+boundary of the support. Temperatures are batch parameters and broadcast against the batch
+shape of the logits, so one distribution object can hold a grid of temperatures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from numbers import Real
+from typing import ClassVar
+
+import torch
+from torch.distributions import Distribution, constraints, register_kl
+from torch.types import _size
+
+from ._validation import check_logits, compute_dtype
+from .functional import gumbel_topk, log_gumbel_softmax
+from .noise import gumbel_noise
+
+__all__ = [
+    "BinaryConcrete",
+    "Concrete",
+    "ExpConcrete",
+    "ExpRelaxedCategorical",
+    "GumbelTopK",
+    "HardConcrete",
+    "PlackettLuce",
+    "RelaxedBernoulli",
+    "RelaxedOneHotCategorical",
+    "kl_monte_carlo",
+]
+
+_NEG_INF = float("-inf")
+_EMPTY = torch.Size()
+MAX_UNORDERED_K = 8  # log_prob_unordered sums over k! orders: 8! = 40320 terms per value
+
+
+# --- constraints -------------------------------------------------------------------------------
+
+
+class _PositiveFinite(constraints.Constraint):
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(value) & (value > 0)
+
+    def __repr__(self) -> str:
+        return "PositiveFinite(> 0 and finite)"
+
+
+class _Finite(constraints.Constraint):
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(value)
+
+    def __repr__(self) -> str:
+        return "Finite(probs of exactly 0 or 1 give infinite logits; use finite logits)"
+
+
+class _LogitsVector(constraints.Constraint):
+    """No NaN, no +inf, at least one finite entry; ``-inf`` marks an impossible category."""
+
+    event_dim = 1
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        ok = ~(torch.isnan(value) | torch.isposinf(value))
+        return ok.all(-1) & (value > _NEG_INF).any(-1)
+
+    def __repr__(self) -> str:
+        return "LogitsVector(finite or -inf = impossible, at least one finite entry per row)"
+
+
+def _simplex_tol(value: torch.Tensor) -> float:
+    # rounding in a sum of K terms grows with K; torch's fixed 1e-6 rejects float32 samples
+    # with K in the thousands
+    return max(1e-6, value.shape[-1] * torch.finfo(value.dtype).eps)
+
+
+class _Simplex(constraints.Constraint):
+    event_dim = 1
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        total = value.sum(-1, dtype=compute_dtype(value.dtype))
+        return (value >= 0).all(-1) & ((total - 1).abs() <= _simplex_tol(value))
+
+    def __repr__(self) -> str:
+        return "Simplex(entries >= 0 summing to 1)"
+
+
+class _LogSimplex(constraints.Constraint):
+    event_dim = 1
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        tol = _simplex_tol(value)
+        lse = value.to(compute_dtype(value.dtype)).logsumexp(-1)
+        return (~torch.isnan(value) & (value <= tol)).all(-1) & (lse.abs() <= tol)
+
+    def __repr__(self) -> str:
+        return "LogSimplex(log of a point on the simplex: logsumexp(value) == 0)"
+
+
+class _OrderedSubset(constraints.Constraint):
+    """``k`` distinct indices in ``[0, n)``."""
+
+    is_discrete = True
+    event_dim = 1
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        super().__init__()
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        in_range = ((value >= 0) & (value < self.n)).all(-1)
+        s = value.sort(-1).values
+        return in_range & (s[..., 1:] != s[..., :-1]).all(-1)
+
+    def __repr__(self) -> str:
+        return f"OrderedSubset(distinct indices in [0, {self.n}))"
+
+
+_positive_finite = _PositiveFinite()
+_finite = _Finite()
+_logits_vector = _LogitsVector()
+_simplex = _Simplex()
+_log_simplex = _LogSimplex()
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+
+def _validating(validate_args: bool | None) -> bool:
+    return Distribution._validate_args if validate_args is None else bool(validate_args)
+
+
+def _as_size(sample_shape: _size | int) -> torch.Size:
+    return torch.Size((sample_shape,) if isinstance(sample_shape, int) else sample_shape)
+
+
+def _as_param(value: object, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A float or floating tensor as a tensor (with ``like``'s dtype and device if given)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}; "
+                            f"convert it with {name}.float()")
+        if like is not None and value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but logits are on {like.device}; "
+                             "move it with .to()")
+        return value if like is None else value.to(like.dtype)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if like is None:
+        return torch.tensor(float(value), dtype=torch.get_default_dtype())
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Size) -> tuple[
+        torch.Tensor, torch.Size]:
+    """The temperature broadcast against the batch shape ``batch_dims`` of the logits.
+
+    A one-element temperature counts as a scalar, so torch's idiom
+    ``RelaxedOneHotCategorical(torch.tensor([2.2]), probs)`` keeps its batch shape.
+    """
+    t = _as_param(temperature, "temperature", logits)
+    if t.numel() == 1:
+        t = t.reshape(())
+    elif t.dim() == logits.dim() > len(batch_dims) and tuple(t.shape) == (*batch_dims, 1):
+        # torch's per-row idiom (B, 1) for (B, K) logits would silently make a (B, B) batch here
+        raise ValueError(f"temperature of shape {tuple(t.shape)} has a category dimension; here "
+                         "temperatures are batch parameters: pass temperature.squeeze(-1)")
+    try:
+        batch_shape = torch.broadcast_shapes(t.shape, batch_dims)
+    except RuntimeError:
+        raise ValueError(f"temperature of shape {tuple(t.shape)} does not broadcast against the batch "
+                         f"shape {tuple(batch_dims)} of the logits; temperatures are batch parameters "
+                         "(one per distribution, no category dimension)") from None
+    return t.expand(batch_shape), batch_shape
+
+
+def _logits_from(probs: object, logits: object, binary: bool, validate: bool) -> torch.Tensor:
+    if (probs is None) == (logits is None):
+        raise ValueError("pass exactly one of probs or logits (logits are preferred: exact and stable)")
+    if logits is not None:
+        return logits if isinstance(logits, torch.Tensor) else _as_param(logits, "logits")
+    p = _as_param(probs, "probs")
+    if validate:
+        bad = ~(torch.isfinite(p) & (p >= 0) & ((p <= 1) if binary else True))
+        if bool(bad.any()):
+            raise ValueError(f"probs must be finite and in [0, {1 if binary else 'inf'}), got "
+                             f"{p[bad].flatten()[:4].tolist()}")
+    return torch.logit(p) if binary else p.log()
+
+
+def _extended(d: Distribution, sample_shape: _size | int, *params: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters expanded to ``sample_shape + batch_shape`` (+ their trailing dims)."""
+    shape = _as_size(sample_shape) + d.batch_shape
+    return [p.expand(shape + p.shape[len(d.batch_shape):]) for p in params]
+
+
+def _log_normalized(logits: torch.Tensor) -> torch.Tensor:
+    """``logits - logsumexp(logits)`` (log-probabilities, like torch's Categorical); rows with no
+    finite logsumexp are left alone for the argument check to report."""
+    lse = logits.to(compute_dtype(logits.dtype)).logsumexp(-1, keepdim=True)
+    return torch.where(torch.isfinite(lse), logits - lse.to(logits.dtype), logits)
+
+
+class _Tempered(Distribution):
+    """A temperature and logits, the temperature a batch parameter (no event dimension)."""
+
+    has_rsample = True
+    _binary: ClassVar[bool]  # scalar events (Binary/Hard Concrete) or vectors (Concrete)
+
+    def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
+        logits = _logits_from(probs, logits, self._binary, _validating(validate_args))
+        if self._binary:
+            logits, event_shape = _as_param(logits, "logits"), torch.Size()
+        else:
+            logits = _log_normalized(check_logits(logits))
+            event_shape = logits.shape[-1:]
+        self.temperature, batch_shape = _temperature(
+            temperature, logits, logits.shape[:logits.dim() - len(event_shape)])
+        self.logits = logits.expand(batch_shape + event_shape)
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape: _size, _instance: Distribution | None = None) -> _Tempered:
+        new = self._get_checked_instance(type(self), _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.temperature = self.temperature.expand(batch_shape)
+        new.logits = self.logits.expand(batch_shape + self.event_shape)
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def sample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator=generator)  # type: ignore[call-arg]
+
+
+# --- Concrete -----------------------------------------------------------------------------------
+
+
+class _ConcreteBase(_Tempered):
+    """What :class:`ExpConcrete` and :class:`Concrete` share."""
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "temperature": _positive_finite, "logits": _logits_vector}
+    _binary = False
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The category probabilities ``softmax(logits)`` of the unrelaxed categorical."""
+        return self.logits.softmax(-1)
+
+    def _log_rsample(self, sample_shape: _size | int, generator: torch.Generator | None
+                     ) -> torch.Tensor:
+        logits, tau = _extended(self, sample_shape, self.logits, self.temperature)
+        return log_gumbel_softmax(logits, tau.unsqueeze(-1), generator=generator)
+
+    def _exp_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """The ExpConcrete log-density at ``x`` (log of a point on the simplex), in log space."""
+        cdtype = compute_dtype(torch.promote_types(x.dtype, self.logits.dtype))
+        x, logits = x.to(cdtype), self.logits.to(cdtype)
+        tau = self.temperature.to(cdtype)
+        impossible = logits == _NEG_INF
+        gone = x == _NEG_INF
+        # impossible categories score -inf by themselves; 0 in place of x keeps inf - inf (and
+        # its NaN gradient) out. A coordinate is -inf exactly where its category is impossible;
+        # anywhere else x is outside the support (mass on an impossible category), or at the
+        # limit of the boundary where the density tends to 0: log_prob = -inf either way.
+        score = logits - tau.unsqueeze(-1) * x.masked_fill(gone, 0.0)
+        n = (~impossible).sum(-1).to(cdtype)
+        lp = (score.masked_fill(impossible, 0.0).sum(-1) - n * score.logsumexp(-1)
+              + torch.lgamma(n) + (n - 1) * tau.log())
+        return lp.masked_fill((gone != impossible).any(-1), _NEG_INF)
+
+
+class ExpConcrete(_ConcreteBase):
+    r"""The ExpConcrete distribution: the log of a Concrete (relaxed one-hot) sample.
+
+    Samples are :math:`x = \operatorname{log\_softmax}((\ell + g)/\tau)` with
+    :math:`g_i \sim \operatorname{Gumbel}(0, 1)` (Maddison, Mnih and Teh 2017, appendix C),
+    computed in log space so that no coordinate underflows. The log-density is
+
+    .. math::
+        \log p(x) = \log (K-1)! + (K-1)\log\tau + \sum_{k=1}^K (\ell_k - \tau x_k)
+        - K \operatorname{logsumexp}_k(\ell_k - \tau x_k),
+
+    with respect to Lebesgue measure on the log-ratios :math:`(x_k - x_K)_{k<K}`. Categories
+    with ``logits == -inf`` are impossible: their coordinate is always ``-inf`` and ``K``
+    counts only the others. Same density as :class:`torch.distributions.ExpRelaxedCategorical`,
+    with temperatures that broadcast against the batch shape (a ``(3, 1)`` temperature and
+    ``(4, K)`` logits give a ``(3, 4)`` batch), samples that take a ``generator`` and a
+    ``-inf`` limit instead of NaN when a coordinate of ``x`` is ``-inf``. There is no closed
+    form for the mean or the entropy.
+
+    Args:
+        temperature: :math:`\tau > 0`, a float or a tensor broadcastable against
+            ``logits.shape[:-1]``.
+        probs: category probabilities (normalized along the last dimension), or
+        logits: unnormalized log-probabilities :math:`\ell` (``-inf`` = impossible).
+        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+
+    Example:
+        >>> d = ExpConcrete(torch.tensor([1.0, 0.01]), logits=torch.zeros(1000))
+        >>> x = d.rsample(generator=torch.Generator().manual_seed(0))
+        >>> x.shape, bool(torch.isfinite(d.log_prob(x)).all())
+        (torch.Size([2, 1000]), True)
+    """
+
+    support = _log_simplex
+
+    def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        return self._log_rsample(sample_shape, generator)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._exp_log_prob(value).to(self.logits.dtype)
+
+
+class Concrete(_ConcreteBase):
+    r"""The Concrete (Gumbel-Softmax, relaxed one-hot categorical) distribution on the simplex.
+
+    Samples are :math:`y = \operatorname{softmax}((\ell + g)/\tau)` with
+    :math:`g_i \sim \operatorname{Gumbel}(0, 1)` (Maddison, Mnih and Teh 2017; Jang, Gu and
+    Poole 2017). The density with respect to Lebesgue measure on :math:`(y_1, \dots, y_{K-1})` is
+
+    .. math::
+        p(y) = (K-1)!\,\tau^{K-1} \prod_{k=1}^K
+        \frac{e^{\ell_k} y_k^{-\tau-1}}{\sum_{i=1}^K e^{\ell_i} y_i^{-\tau}},
+
+    computed in log space as ``ExpConcrete.log_prob(log y) - sum(log y)``. At small
+    temperatures many coordinates of a float sample underflow to exactly 0, a point on the
+    boundary where the formula reads ``inf - inf``; ``log_prob`` reads such a coordinate as the
+    smallest normal float (``torch.finfo(dtype).tiny``), the nearest interior point, so the
+    result stays finite. For exact densities at small temperatures use :class:`ExpConcrete`,
+    whose samples never underflow. Same density as
+    :class:`torch.distributions.RelaxedOneHotCategorical` where that one is finite; there is
+    no closed form for the mean or the entropy.
+
+    Args:
+        temperature: :math:`\tau > 0`, a float or a tensor broadcastable against
+            ``logits.shape[:-1]``.
+        probs: category probabilities (normalized along the last dimension), or
+        logits: unnormalized log-probabilities :math:`\ell` (``-inf`` = impossible).
+        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+
+    Example:
+        >>> d = Concrete(0.5, logits=torch.tensor([0.0, 1.0, 2.0]))
+        >>> y = d.rsample((4,), generator=torch.Generator().manual_seed(0))
+        >>> y.shape, torch.allclose(y.sum(-1), torch.ones(4))
+        (torch.Size([4, 3]), True)
+        >>> bool(torch.isfinite(d.log_prob(torch.tensor([0.0, 0.0, 1.0]))))  # boundary point
+        True
+    """
+
+    support = _simplex
+
+    def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        return self._log_rsample(sample_shape, generator).exp()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        cdtype = compute_dtype(torch.promote_types(value.dtype, self.logits.dtype))
+        y = value.to(cdtype)
+        allowed = self.logits > _NEG_INF
+        # an impossible category only needs to be told apart: y == 0 (fine) or y > 0 (outside)
+        log_y = y.clamp_min(torch.finfo(cdtype).tiny).log().masked_fill(~allowed & (y <= 0), _NEG_INF)
+        jacobian = torch.where(allowed, log_y, 0.0).sum(-1)
+        return (self._exp_log_prob(log_y) - jacobian).to(self.logits.dtype)
+
+
+# --- Binary Concrete and Hard Concrete -----------------------------------------------------------
+
+
+class _BinaryBase(_Tempered):
+    """What :class:`BinaryConcrete` and :class:`HardConcrete` share."""
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "temperature": _positive_finite, "logits": _finite}
+    _binary = True
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``sigmoid(logits)``: the probability of 1 of the unrelaxed Bernoulli."""
+        return torch.sigmoid(self.logits)
+
+    def _logit_rsample(self, sample_shape: _size | int, generator: torch.Generator | None
+                       ) -> torch.Tensor:
+        """``(logits + g1 - g2) / tau``: the logit of a sample, in the compute dtype.
+
+        ``g1 - g2`` of two Gumbel draws is Logistic(0, 1); drawing them as the Gumbel noise of
+        the two-category logits ``[logits, 0]`` keeps the noise contract: the sample equals
+        the first coordinate of a Concrete sample with those logits.
+        """
+        logits, tau = _extended(self, sample_shape, self.logits, self.temperature)
+        cdtype = compute_dtype(logits.dtype)
+        g = gumbel_noise((*logits.shape, 2), generator=generator, dtype=logits.dtype,
+                         device=logits.device).to(cdtype)
+        return (logits.to(cdtype) + (g[..., 0] - g[..., 1])) / tau.to(cdtype)
+
+    def _s_log_prob(self, s: torch.Tensor) -> torch.Tensor:
+        r"""Binary Concrete log-density at ``s`` in [0, 1], in the compute dtype.
+
+        With :math:`t = \operatorname{logit}(s)`, :math:`\tau t - \ell` is Logistic(0, 1):
+        :math:`\log p(s) = \log\tau - |u| - 2\log(1 + e^{-|u|}) - \log s - \log(1 - s)`,
+        :math:`u = \tau t - \ell`; symmetric in :math:`u`, so nothing overflows. ``s`` is read
+        inside ``[tiny, 1 - eps/2]``, the nearest interior floats, so 0 and 1 stay finite.
+        """
+        cdtype = compute_dtype(torch.promote_types(s.dtype, self.logits.dtype))
+        fi = torch.finfo(cdtype)
+        s = s.to(cdtype).clamp(fi.tiny, 1.0 - fi.eps / 2)
+        log_s, log_1ms = s.log(), torch.log1p(-s)
+        tau = self.temperature.to(cdtype)
+        u = (tau * (log_s - log_1ms) - self.logits.to(cdtype)).abs()
+        return tau.log() - u - 2 * torch.log1p(torch.exp(-u)) - log_s - log_1ms
+
+    def _s_cdf(self, s: torch.Tensor) -> torch.Tensor:
+        """``P(S <= s) = sigmoid(tau * logit(s) - logits)`` for the Binary Concrete ``S``."""
+        cdtype = compute_dtype(torch.promote_types(s.dtype, self.logits.dtype))
+        s = s.to(cdtype)
+        return torch.sigmoid(self.temperature.to(cdtype) * torch.logit(s) - self.logits.to(cdtype))
+
+    def _s_icdf(self, q: torch.Tensor) -> torch.Tensor:
+        cdtype = compute_dtype(torch.promote_types(q.dtype, self.logits.dtype))
+        q = q.to(cdtype)
+        return torch.sigmoid((torch.logit(q) + self.logits.to(cdtype)) / self.temperature.to(cdtype))
+
+    def _check_q(self, q: torch.Tensor) -> None:
+        if self._validate_args and not bool(((q >= 0) & (q <= 1)).all()):
+            raise ValueError("icdf takes probabilities in [0, 1]")
+
+
+class BinaryConcrete(_BinaryBase):
+    r"""The Binary Concrete (relaxed Bernoulli) distribution on (0, 1), parameterized by logits.
+
+    Samples are :math:`y = \sigma\big((\ell + g_1 - g_2)/\tau\big)`, :math:`g_1, g_2 \sim
+    \operatorname{Gumbel}(0, 1)` (:math:`g_1 - g_2` is Logistic(0, 1); Maddison, Mnih and
+    Teh 2017, eq. 11). The density is
+
+    .. math::
+        p(y) = \frac{\tau\, e^{\ell}\, y^{-\tau-1} (1-y)^{-\tau-1}}
+        {\big(e^{\ell} y^{-\tau} + (1-y)^{-\tau}\big)^2},
+        \qquad P(Y \le y) = \sigma\big(\tau \operatorname{logit}(y) - \ell\big),
+
+    evaluated in a symmetric log-space form that never overflows (torch's
+    ``RelaxedBernoulli`` gives ``-inf`` or NaN for large logits or samples that rounded to 0
+    or 1). A value of exactly 0 or 1 is read as the nearest interior float, so ``log_prob``
+    is finite on the whole closed interval. There is no closed form for the mean or the
+    entropy; :meth:`cdf` and :meth:`icdf` are exact.
+
+    Args:
+        temperature: :math:`\tau > 0`, a float or a tensor broadcastable against ``logits``.
+        probs: probability of 1 in (0, 1) (turned into logits exactly), or
+        logits: the log-odds :math:`\ell` (finite).
+        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+
+    Example:
+        >>> d = BinaryConcrete(torch.tensor([[0.1], [1.0]]), logits=torch.tensor([-1.0, 0.0, 2.0]))
+        >>> y = d.rsample(generator=torch.Generator().manual_seed(0))
+        >>> d.batch_shape, bool(torch.isfinite(d.log_prob(y)).all())
+        (torch.Size([2, 3]), True)
+        >>> d.cdf(torch.tensor(0.5))[1].tolist()  # P(Y <= 1/2) = sigmoid(-logits) at tau = 1
+        [0.7310585975646973, 0.5, 0.11920291930437088]
+    """
+
+    support = constraints.unit_interval
+
+    def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        return torch.sigmoid(self._logit_rsample(sample_shape, generator)).to(self.logits.dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._s_log_prob(value).to(self.logits.dtype)
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._s_cdf(value).to(self.logits.dtype)
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        self._check_q(value)
+        return self._s_icdf(value).to(self.logits.dtype)
+
+
+class HardConcrete(_BinaryBase):
+    r"""The Hard Concrete distribution of L0 gates (Louizos, Welling and Kingma 2018).
+
+    A Binary Concrete sample :math:`s` is stretched to :math:`(\gamma, \zeta)` and clipped:
+
+    .. math::
+        z = \min\big(1, \max(0,\; \gamma + (\zeta - \gamma)\, s)\big), \qquad
+        s = \sigma\big((\ell + g_1 - g_2)/\tau\big),
+
+    so :math:`z` has point masses at 0 and 1 and a continuous part on (0, 1):
+
+    .. math::
+        P(z = 0) = \sigma\big(\tau \log\tfrac{-\gamma}{\zeta} - \ell\big),\quad
+        P(z = 1) = \sigma\big(\ell - \tau \log\tfrac{1-\gamma}{\zeta-1}\big),\quad
+        p(z) = \frac{p_s\big(\tfrac{z-\gamma}{\zeta-\gamma}\big)}{\zeta - \gamma}
+        \text{ on } (0, 1).
+
+    ``log_prob`` is the log-density with respect to Lebesgue measure on (0, 1) plus unit point
+    masses at 0 and 1: ``log P(z=0)`` at 0, ``log P(z=1)`` at 1, ``log p(z)`` in between.
+    :meth:`prob_nonzero` is the expected-L0 penalty :math:`1 - P(z=0)` (the paper's eq. 12).
+    The paper uses :math:`\tau = 2/3`, :math:`\gamma = -0.1`, :math:`\zeta = 1.1`. There is no
+    closed form for the mean; :meth:`cdf` and :meth:`icdf` are exact (``icdf(0.5)`` is the
+    median gate).
+
+    Args:
+        temperature: :math:`\tau > 0` (float or tensor broadcastable against ``logits``).
+        logits: :math:`\ell = \log\alpha`, the location of the underlying Binary Concrete.
+        lower: :math:`\gamma < 0`, the lower end of the stretch.
+        upper: :math:`\zeta > 1`, the upper end of the stretch.
+        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+
+    Example:
+        >>> d = HardConcrete(2 / 3, logits=torch.tensor([-3.0, 0.0, 3.0]))
+        >>> z = d.rsample((1000,), generator=torch.Generator().manual_seed(0))
+        >>> bool(((z >= 0) & (z <= 1)).all()), [round(p, 2) for p in d.prob_nonzero().tolist()]
+        (True, [0.2, 0.83, 0.99])
+        >>> bool(torch.isfinite(d.log_prob(z)).all())
+        True
+    """
+
+    support = constraints.unit_interval
+
+    def __init__(self, temperature: float | torch.Tensor, logits: torch.Tensor | float, *,
+                 lower: float = -0.1, upper: float = 1.1, validate_args: bool | None = None) -> None:
+        for name, value in (("lower", lower), ("upper", upper)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite float, got {value!r}")
+        if not (lower < 0 and upper > 1):
+            raise ValueError(f"need lower < 0 and upper > 1 (the stretch that creates the point "
+                             f"masses at 0 and 1), got lower={lower}, upper={upper}; "
+                             "use BinaryConcrete for no stretch")
+        self.lower, self.upper = float(lower), float(upper)
+        super().__init__(temperature, logits=logits, validate_args=validate_args)
+
+    def expand(self, batch_shape: _size, _instance: Distribution | None = None) -> HardConcrete:
+        new = super().expand(batch_shape, _instance)
+        new.lower, new.upper = self.lower, self.upper
+        return new
+
+    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
+        return (self.lower + (self.upper - self.lower) * s).clamp(0.0, 1.0)
+
+    def _mass_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of ``P(z = 0)`` and ``P(z = 1)``: the Binary Concrete CDF at the clip points."""
+        cdtype = compute_dtype(self.logits.dtype)
+        tau, logits = self.temperature.to(cdtype), self.logits.to(cdtype)
+        logit0 = math.log(-self.lower / self.upper)  # logit of s where the stretch crosses 0
+        logit1 = math.log((1 - self.lower) / (self.upper - 1))  # ... and where it crosses 1
+        return tau * logit0 - logits, logits - tau * logit1
+
+    def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        s = torch.sigmoid(self._logit_rsample(sample_shape, generator))
+        return self._stretch(s).to(self.logits.dtype)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        r""":math:`P(z \ne 0) = \sigma\big(\ell - \tau\log(-\gamma/\zeta)\big)`, differentiable in
+        the logits: the expected L0 norm of the gates is its sum (Louizos et al. 2018, eq. 12)."""
+        return torch.sigmoid(-self._mass_logits()[0]).to(self.logits.dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_p0, log_p1 = map(torch.nn.functional.logsigmoid, self._mass_logits())
+        cdtype = log_p0.dtype
+        z = value.to(cdtype)
+        width = self.upper - self.lower
+        cont = self._s_log_prob((z.clamp(0.0, 1.0) - self.lower) / width) - math.log(width)
+        lp = torch.where(z <= 0, log_p0, torch.where(z >= 1, log_p1, cont))
+        return lp.masked_fill((z < 0) | (z > 1), _NEG_INF).to(self.logits.dtype)
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z = value.to(compute_dtype(torch.promote_types(value.dtype, self.logits.dtype)))
+        f = self._s_cdf(((z - self.lower) / (self.upper - self.lower)).clamp(0.0, 1.0))
+        return torch.where(z >= 1, torch.ones_like(f), f).to(self.logits.dtype)
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        # clipping is monotone, so the quantile of z is the clipped quantile of s
+        self._check_q(value)
+        return self._stretch(self._s_icdf(value)).to(self.logits.dtype)
+
+
+# --- Plackett-Luce --------------------------------------------------------------------------------
+
+
+def _plackett_luce_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    r"""``sum_j [l_{i_j} - logsumexp(l over the items not yet picked)]`` without subtraction.
+
+    The items left at step ``j`` are the later picks ``i_j..i_k`` (a reversed cumulative
+    logsumexp) and the never-picked items (one masked logsumexp), so no ``log(1 - p)``
+    cancellation appears, however dominant the picked items are.
+    """
+    cdtype = compute_dtype(logits.dtype)
+    shape = torch.broadcast_shapes(logits.shape[:-1], value.shape[:-1])
+    logits = logits.to(cdtype).expand(shape + logits.shape[-1:])
+    value = value.expand(shape + value.shape[-1:])
+    picked = logits.gather(-1, value)
+    rest = logits.scatter(-1, value, _NEG_INF).logsumexp(-1, keepdim=True)
+    later = picked.flip(-1).logcumsumexp(-1).flip(-1)
+    terms = picked - torch.logaddexp(later, rest)
+    return torch.where(picked == _NEG_INF, _NEG_INF, terms).sum(-1)
+
+
+class PlackettLuce(Distribution):
+    r"""The Plackett-Luce distribution over ordered ``k``-tuples of distinct categories.
+
+    Draw :math:`i_1` from :math:`\operatorname{softmax}(\ell)`, then :math:`i_2` from the
+    renormalized rest, and so on ``k`` times (Plackett 1975; Luce 1959). The Gumbel-top-k trick
+    draws it exactly: :math:`(i_1, \dots, i_k) = \operatorname{top}_k(\ell + g)` (Yellott 1977;
+    Kool, van Hoof and Welling 2019). The log-probability of an ordered tuple is
+
+    .. math::
+        \log P(i_1, \dots, i_k) = \sum_{j=1}^k \Big(\ell_{i_j}
+        - \log \sum_{m \notin \{i_1, \dots, i_{j-1}\}} e^{\ell_m}\Big),
+
+    computed as logsumexps over the items still left (never as :math:`\log(1 - \sum p)`), so it
+    stays exact when the first picks hold nearly all the mass. :meth:`log_prob_unordered` gives
+    the probability of the set :math:`\{i_1, \dots, i_k\}` in any order, by enumerating the
+    :math:`k!` orders (``k <= 8``). Samples are int64 of shape ``sample_shape + batch_shape +
+    (k,)``; there is no ``rsample``.
+
+    Args:
+        logits: unnormalized log-probabilities ``(..., n)``; ``-inf`` = never picked.
+        k: the number of picks, ``1 <= k <= n`` (default ``n``: a full ranking).
+        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+
+    Example:
+        >>> d = PlackettLuce(torch.log(torch.tensor([0.5, 0.3, 0.2])), k=2)
+        >>> d.sample((3,), generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([3, 2])
+        >>> round(d.log_prob(torch.tensor([0, 1])).exp().item(), 4)  # 0.5 * 0.3 / 0.5
+        0.3
+        >>> round(d.log_prob_unordered(torch.tensor([0, 1])).exp().item(), 4)  # + 0.3 * 0.5 / 0.7
+        0.5143
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {"logits": _logits_vector}
+    def __init__(self, logits: torch.Tensor, k: int | None = None,
+                 validate_args: bool | None = None) -> None:
+        logits = check_logits(logits)
+        n = logits.shape[-1]
+        k = n if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} must be between 1 and the number of categories n={n}")
+        self.k = k
+        self.logits = _log_normalized(logits)
+        super().__init__(logits.shape[:-1], torch.Size((k,)), validate_args=validate_args)
+        if self._validate_args and bool(((logits > _NEG_INF).sum(-1) < k).any()):
+            raise ValueError(f"k={k} is larger than the number of possible (> -inf) categories in some "
+                             "row of logits; lower k or give those categories finite logits")
+
+    @property
+    def support(self) -> constraints.Constraint:
+        return _OrderedSubset(self.logits.shape[-1])
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``softmax(logits)``: the probabilities of the first pick."""
+        return self.logits.softmax(-1)
+
+    def expand(self, batch_shape: _size, _instance: Distribution | None = None) -> PlackettLuce:
+        new = self._get_checked_instance(PlackettLuce, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.k = self.k
+        new.logits = self.logits.expand(batch_shape + self.logits.shape[-1:])
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def sample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        (logits,) = _extended(self, sample_shape, self.logits)
+        return gumbel_topk(logits, self.k, generator=generator).indices
+
+    def _check_value(self, value: object) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool:
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"value must be an integer tensor of category indices, got {got}; "
+                            "use value.long()")
+        if self._validate_args:
+            self._validate_sample(value)
+        return value.long()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        value = self._check_value(value)
+        return _plackett_luce_log_prob(self.logits, value).to(self.logits.dtype)
+
+    def log_prob_unordered(self, value: torch.Tensor) -> torch.Tensor:
+        r"""``log P({i_1, ..., i_k})``: the log-probability that the ``k`` picks are the set
+        ``value`` in any order, a logsumexp over the ``k!`` orders (``k <= 8``)."""
+        if self.k > MAX_UNORDERED_K:
+            raise ValueError(f"log_prob_unordered enumerates k! orders and supports k <= "
+                             f"{MAX_UNORDERED_K}, got k={self.k}")
+        value = self._check_value(value)
+        orders = torch.tensor(list(itertools.permutations(range(self.k))), device=value.device)
+        lp = _plackett_luce_log_prob(self.logits.unsqueeze(-2), value[..., orders])
+        return lp.logsumexp(-1).to(self.logits.dtype)
+
+
+ExpRelaxedCategorical = ExpConcrete
+RelaxedOneHotCategorical = Concrete
+RelaxedBernoulli = BinaryConcrete
+GumbelTopK = PlackettLuce
+
+
+# --- KL divergences -------------------------------------------------------------------------------
+
+
+def _binary_kl(delta: torch.Tensor) -> torch.Tensor:
+    r""":math:`\delta \coth(\delta/2) - 2`, the KL between two Logistic laws with equal scale
+    whose locations differ by :math:`\delta` scales (a series near 0, where it cancels)."""
+    x = delta.abs()
+    small = x < 0.1
+    xs = torch.where(small, 1.0, x)  # no expm1(0) even in the branch torch.where drops
+    far = xs + 2 * xs / torch.expm1(xs) - 2
+    x2 = x * x
+    return torch.where(small, x2 / 6 - x2 * x2 / 360 + x2 ** 3 / 15120, far)
+
+
+def kl_monte_carlo(p: Distribution, q: Distribution, num_samples: int = 64, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""A Monte Carlo estimate of :math:`\mathrm{KL}(p \,\|\, q)
+    = \mathbb E_{x \sim p}[\log p(x) - \log q(x)]`.
+
+    The average of ``num_samples`` draws. When ``p`` has ``rsample`` the estimate is
+    reparameterized (pathwise gradients, Kingma and Welling 2014), the standard estimate for
+    Concrete latents (Maddison et al. 2017, appendix C: use :class:`ExpConcrete` densities);
+    otherwise the gradient adds the score-function term :math:`(\log p - \log q)\nabla\log p`
+    (Williams 1992), so it is unbiased for discrete ``p`` such as :class:`PlackettLuce` too.
+    The value is the plain average either way.
+
+    Example:
+        >>> p = ExpConcrete(0.5, logits=torch.tensor([0.0, 1.0, 2.0]))
+        >>> q = ExpConcrete(0.5, logits=torch.zeros(3))
+        >>> kl = kl_monte_carlo(p, q, 10_000, generator=torch.Generator().manual_seed(0))
+        >>> bool(kl > 0)
+        True
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    batch = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"p and q have different event shapes {tuple(p.event_shape)} and "
+                         f"{tuple(q.event_shape)}")
+    p = p.expand(batch) if p.batch_shape != batch else p
+    if p.has_rsample:
+        x = p.rsample((num_samples,), generator=generator)  # type: ignore[call-arg]
+        return (p.log_prob(x) - q.log_prob(x)).mean(0)
+    x = p.sample((num_samples,), generator=generator)  # type: ignore[call-arg]
+    log_p = p.log_prob(x)
+    f = log_p - q.log_prob(x)
+    return (f + f.detach() * (log_p - log_p.detach())).mean(0)
+
+
+@register_kl(BinaryConcrete, BinaryConcrete)
+def _kl_binary_binary(p: BinaryConcrete, q: BinaryConcrete) -> torch.Tensor:
+    """Exact where the temperatures are equal; a Monte Carlo estimate where they differ."""
+    tp, tq = torch.broadcast_tensors(p.temperature, q.temperature)
+    exact = _binary_kl(p.logits - q.logits).expand(tp.shape)
+    if bool((tp == tq).all()):
+        return exact
+    return torch.where(tp == tq, exact, kl_monte_carlo(p, q))
+
+
+@register_kl(ExpConcrete, ExpConcrete)
+@register_kl(Concrete, Concrete)
+def _kl_concrete_concrete(p: _ConcreteBase, q: _ConcreteBase) -> torch.Tensor:
+    """Monte Carlo (no closed form): KL is invariant under ``log``, so both use ExpConcrete."""
+    to_exp = [ExpConcrete(d.temperature, logits=d.logits, validate_args=False) for d in (p, q)]
+    return kl_monte_carlo(*to_exp)
+
+
+MAX_EXACT_PL_KL_TUPLES = 40320  # ordered tuples enumerated by the exact Plackett-Luce KL
+
+
+@register_kl(PlackettLuce, PlackettLuce)
+def _kl_plackett_luce(p: PlackettLuce, q: PlackettLuce) -> torch.Tensor:
+    """Exact by enumerating the ordered k-tuples when there are at most 40320 of them, else
+    Monte Carlo with the score-function gradient."""
+    n, k = p.logits.shape[-1], p.k
+    if q.logits.shape[-1] != n or q.k != k:
+        raise ValueError(f"KL needs the same n and k, got (n={n}, k={k}) and "
+                         f"(n={q.logits.shape[-1]}, k={q.k})")
+    if math.perm(n, k) > MAX_EXACT_PL_KL_TUPLES:
+        return kl_monte_carlo(p, q)
+    tuples = torch.tensor(list(itertools.permutations(range(n), k)), device=p.logits.device)
+    log_p = _plackett_luce_log_prob(p.logits.unsqueeze(-2), tuples)
+    log_q = _plackett_luce_log_prob(q.logits.unsqueeze(-2), tuples)
+    # xlogy-style: tuples with p = 0 contribute 0 even where q = 0
+    diff = torch.where(log_p == _NEG_INF, 0.0, log_p - log_q)
+    return (log_p.exp() * diff).sum(-1)

@@ -1,0 +1,342 @@
+r"""Structured relaxations: relaxed top-k subsets and relaxed permutations.
+
+- :func:`relaxed_topk`: a relaxed k-hot sample of a subset of size ``k`` (Xie and Ermon 2019),
+  with a straight-through hard option whose forward value is an exact Gumbel-top-k subset.
+- :func:`gumbel_sinkhorn`: a relaxed permutation matrix, Sinkhorn normalization of perturbed
+  scores in log space (Mena, Belanger, Linderman and Snoek 2018).
+- :func:`matching`: the best permutation for a score matrix (exact Hungarian algorithm via
+  SciPy when it is installed, greedy otherwise).
+
+Every sampler draws its noise as ``gumbel_noise_like(scores, generator=generator)`` (the noise
+contract of :mod:`gumbelkit.noise`) and computes half precision in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+
+import torch
+
+from ._kernels.gumbel_softmax import perturb
+from ._validation import (
+    check_generator,
+    check_logits,
+    check_rows,
+    check_tau,
+    compute_dtype,
+    normalize_dim,
+)
+from .noise import gumbel_noise_like
+
+__all__ = ["gumbel_sinkhorn", "matching", "relaxed_topk"]
+
+_NEG_INF = float("-inf")
+MATCHING_METHODS = ("auto", "hungarian", "greedy")
+
+
+def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value} must be {bounds}")
+    return value
+
+
+def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass."""
+    return hard + (soft - soft.detach()) if soft.requires_grad else hard
+
+
+def _scale(x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """``x / tau`` where ``-inf`` entries stay ``-inf`` with a zero (not NaN) gradient for ``tau``."""
+    if not isinstance(tau, torch.Tensor) or not tau.requires_grad:
+        return x / tau
+    gone = x == _NEG_INF
+    return (x.masked_fill(gone, 0.0) / tau).masked_fill(gone, _NEG_INF)
+
+
+def _log1m_softmax(z: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log a`` and ``log(1 - a)`` for ``a = softmax(z)``, both accurate.
+
+    ``log1p(-a)`` loses everything when ``a`` rounds to 1; only the largest entry can be
+    above 1/2, so its ``log(1 - a)`` is computed as the logsumexp of the others instead.
+    """
+    lse = z.logsumexp(dim, keepdim=True)
+    log_a = z - lse
+    top = z.detach().argmax(dim, keepdim=True)
+    log_rest_top = z.scatter(dim, top, _NEG_INF).logsumexp(dim, keepdim=True) - lse
+    # the top entry is set to -inf before log1p (its value is replaced below), so neither the
+    # value nor the gradient of log1p(-1) is ever formed
+    log1m = torch.log1p(-log_a.scatter(dim, top, _NEG_INF).exp())
+    return log_a, log1m.scatter(dim, top, log_rest_top)
+
+
+def relaxed_topk(
+    logits: torch.Tensor,
+    k: int,
+    tau: float | torch.Tensor = 1.0,
+    hard: bool = False,
+    *,
+    dim: int = -1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""A relaxed k-hot sample: a differentiable relaxation of a random subset of size ``k``.
+
+    The relaxed subset sampler of Xie and Ermon (2019), "Reparameterizable Subset Sampling via
+    Continuous Relaxations": with :math:`\alpha^1 = \mathrm{logits} + g`,
+    :math:`g_i \sim \operatorname{Gumbel}(0, 1)`,
+
+    .. math::
+        a^j = \operatorname{softmax}(\alpha^j / \tau), \qquad
+        \alpha^{j+1} = \alpha^j + \log(1 - a^j), \qquad
+        y = \sum_{j=1}^k a^j,
+
+    so :math:`y \ge 0` with :math:`\sum_i y_i = k`, and :math:`y` tends to the k-hot vector of
+    :math:`\operatorname{top}_k(\mathrm{logits} + g)` as :math:`\tau \to 0`: that subset is
+    an exact draw of ``k`` items without replacement (Plackett-Luce, see
+    :func:`gumbelkit.gumbel_topk`). At moderate temperatures an entry can exceed 1 (with
+    ``n = k = 2`` and ``tau = 1``, :math:`y = (p + 1/2, 3/2 - p)`), as in the paper's
+    algorithm. :math:`\log(1 - a)` is computed without cancellation (the paper's code floors
+    :math:`1 - a` at a tiny constant instead). With ``hard=True`` the forward value is that
+    exact k-hot vector (the top-k of the perturbed scores, which can differ from the top-k of
+    :math:`y` near ties) and the gradient is the gradient of :math:`y` (straight-through).
+
+    Args:
+        logits: unnormalized log-probabilities; ``-inf`` = never chosen.
+        k: the subset size, at most the number of categories with finite logits.
+        tau: temperature > 0, a float or a tensor broadcastable against ``logits`` with size 1
+            along ``dim``; differentiable when a tensor.
+        hard: return the exact k-hot sample with straight-through gradients.
+        dim: the category dimension.
+        generator: the random source (same state, bit-identical result).
+
+    Returns:
+        A tensor like ``logits``, nonnegative, whose entries along ``dim`` sum to ``k``.
+
+    Example:
+        >>> logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 2.0]], requires_grad=True)
+        >>> y = relaxed_topk(logits, 2, tau=0.5, generator=torch.Generator().manual_seed(0))
+        >>> round(y.sum().item(), 4), bool((y >= 0).all())
+        (2.0, True)
+        >>> h = relaxed_topk(logits, 2, tau=0.5, hard=True, generator=torch.Generator().manual_seed(0))
+        >>> h.tolist()  # an exact 2-subset; the gradient is y's
+        [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    """
+    logits = check_logits(logits)
+    dim = normalize_dim(dim, logits.dim())
+    check_generator(generator, logits.device)
+    k = _check_int(k, "k", 1, logits.shape[dim])
+    tau = check_tau(tau, logits, dim)
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
+    alpha = perturb(logits, gumbel_noise_like(logits, generator=generator), None)
+    check_rows(alpha.detach().amax(dim, keepdim=True), logits, None, dim)
+    if bool(((alpha > _NEG_INF).sum(dim) < k).any()):
+        raise ValueError(f"k={k} is larger than the number of categories with finite logits in some "
+                         "row; lower k or give more categories finite logits")
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(alpha.dtype)
+    # the hard subset is the top-k of the perturbed scores: the exact Gumbel-top-k draw
+    top = alpha.detach().topk(k, dim).indices if hard else None
+    soft = torch.zeros_like(alpha)
+    for j in range(k):
+        log_a, log1m = _log1m_softmax(_scale(alpha, tau), dim)
+        soft = soft + log_a.exp()
+        if j + 1 < k:  # the last update is never used (and may leave a row without mass)
+            alpha = alpha + log1m
+    if top is not None:
+        soft = _straight_through(torch.zeros_like(soft).scatter_(dim, top, 1.0), soft)
+    return soft.to(logits.dtype)
+
+
+def _check_square(x: object, name: str) -> torch.Tensor:
+    x = check_logits(x, name)
+    if x.dim() < 2 or x.shape[-1] != x.shape[-2] or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., n, n) with n >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def _check_matrix_rows(x: torch.Tensor, log_alpha: torch.Tensor) -> None:
+    """NaN, +inf, or a row or column with no finite entry: no doubly stochastic limit exists."""
+    check_rows(x.detach().amax(-1, keepdim=True), log_alpha, None, log_alpha.dim() - 1)
+    if not bool(torch.isfinite(x.detach().amax(-2)).all()):
+        raise ValueError("some column of log_alpha has no finite entry; every row and every column "
+                         "needs at least one finite score")
+
+
+def _normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x - logsumexp(x, dim)``, in place when no gradient is needed (``x`` is our own buffer)."""
+    lse = x.logsumexp(dim, keepdim=True)
+    return x - lse if x.requires_grad else x.sub_(lse)
+
+
+def gumbel_sinkhorn(
+    log_alpha: torch.Tensor,
+    tau: float | torch.Tensor = 1.0,
+    n_iters: int = 20,
+    *,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+    noise: bool = True,
+    hard: bool = False,
+) -> torch.Tensor:
+    r"""A relaxed random permutation matrix: Sinkhorn normalization of Gumbel-perturbed scores.
+
+    The Gumbel-Sinkhorn operator of Mena, Belanger, Linderman and Snoek (2018), "Learning
+    Latent Permutations with Gumbel-Sinkhorn Networks": with :math:`X = (\log\alpha + G)/\tau`,
+    :math:`G_{ij} \sim \operatorname{Gumbel}(0, 1)` (omitted when ``noise=False``), repeat
+    ``n_iters`` times, in log space,
+
+    .. math::
+        X \leftarrow X - \operatorname{logsumexp}_{\text{cols}}(X), \qquad
+        X \leftarrow X - \operatorname{logsumexp}_{\text{rows}}(X),
+
+    and return :math:`S(X) = \exp(X)`: columns sum to 1 exactly, rows converge to 1
+    (Sinkhorn 1964). Convergence slows as ``tau`` falls (at ``tau = 0.1`` some 5 x 5 matrices
+    need thousands of iterations for rows within 1e-4): pass ``tol`` to iterate until every
+    row sum is within ``tol`` of 1, with ``n_iters`` as the cap (a ``RuntimeWarning`` says
+    when the cap was reached first). As :math:`\tau \to 0`, :math:`S((\log\alpha + G)/\tau)`
+    tends to the permutation matrix of :math:`M(\log\alpha + G) = \arg\max_P
+    \langle P, \log\alpha + G \rangle`, the Gumbel-matching sample; ``hard=True`` returns that
+    exact permutation matrix (found by :func:`matching`) with the gradient of the soft one
+    (straight-through).
+
+    Args:
+        log_alpha: scores of shape ``(..., n, n)``; ``-inf`` forbids an assignment.
+        tau: temperature > 0, a float or a tensor broadcastable against ``log_alpha`` with
+            size 1 in the last two dimensions (one per matrix).
+        n_iters: Sinkhorn iterations (>= 1), or the most iterations when ``tol`` is given.
+        tol: stop once every row sums to 1 within ``tol`` (checked every 10 iterations);
+            ``None`` (default) runs exactly ``n_iters`` iterations, as Mena et al. do.
+        generator: the random source (same state, bit-identical result).
+        noise: add Gumbel noise (``False``: the deterministic Sinkhorn operator).
+        hard: return the exact permutation matrix with straight-through gradients.
+
+    Returns:
+        A doubly stochastic (or, with ``hard``, permutation) matrix like ``log_alpha``.
+
+    Example:
+        >>> log_alpha = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1))
+        >>> p = gumbel_sinkhorn(log_alpha, 1.0, 50, generator=torch.Generator().manual_seed(0))
+        >>> ones = torch.ones(2, 4)
+        >>> torch.allclose(p.sum(-1), ones, atol=1e-4), torch.allclose(p.sum(-2), ones, atol=1e-4)
+        (True, True)
+        >>> h = gumbel_sinkhorn(log_alpha, 0.1, hard=True, generator=torch.Generator().manual_seed(0))
+        >>> h.sum(-1).tolist(), h.sum(-2).tolist()  # exact permutation matrices
+        ([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    """
+    log_alpha = _check_square(log_alpha, "log_alpha")
+    check_generator(generator, log_alpha.device)
+    last = log_alpha.dim() - 1
+    tau = check_tau(tau, log_alpha, last)
+    if isinstance(tau, torch.Tensor) and tau.dim() >= 2 and tau.shape[-2] != 1:
+        raise ValueError(f"tau of shape {tuple(tau.shape)} varies inside a matrix; use one temperature "
+                         "per matrix (size 1 in the last two dimensions)")
+    n_iters = _check_int(n_iters, "n_iters", 1)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, Real) or not tol > 0):
+        raise ValueError(f"tol must be a positive float or None, got {tol!r}")
+    for name, flag in (("noise", noise), ("hard", hard)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if noise:
+        x = perturb(log_alpha, gumbel_noise_like(log_alpha, generator=generator), None)
+    else:
+        x = log_alpha.to(compute_dtype(log_alpha.dtype))
+    _check_matrix_rows(x, log_alpha)
+    perm = matching(x.detach()) if hard else None
+    x = _scale(x, tau.to(x.dtype) if isinstance(tau, torch.Tensor) else tau)
+    for it in range(1, n_iters + 1):
+        x = _normalize(_normalize(x, -1), -2)
+        if tol is not None and (it % 10 == 0 or it == n_iters):
+            err = float((x.detach().exp().sum(-1) - 1).abs().amax()) if x.numel() else 0.0
+            if err <= tol:
+                break
+    else:
+        if tol is not None:
+            warnings.warn(f"gumbel_sinkhorn: after n_iters={n_iters} iterations the rows sum to 1 only "
+                          f"within {err:.2g} > tol={tol}; raise n_iters (or tau)", RuntimeWarning,
+                          stacklevel=2)
+    soft = x.exp()
+    if perm is not None:
+        onehot = torch.zeros_like(soft).scatter_(-1, perm.unsqueeze(-1), 1.0)
+        soft = _straight_through(onehot, soft)
+    return soft.to(log_alpha.dtype)
+
+
+def _greedy_matching(scores: torch.Tensor) -> torch.Tensor:
+    """Repeatedly take the largest remaining entry and strike out its row and column."""
+    n = scores.shape[-1]
+    flat = scores.reshape(-1, n * n).clone()
+    perm = torch.empty(flat.shape[0], n, dtype=torch.long, device=scores.device)
+    rows = torch.arange(flat.shape[0], device=scores.device)
+    nan = torch.tensor(float("nan"), dtype=flat.dtype, device=flat.device)
+    for _ in range(n):
+        # struck-out entries (NaN) rank below every score, -inf scores included
+        best = torch.nan_to_num(flat, nan=-math.inf, neginf=torch.finfo(flat.dtype).min).argmax(-1)
+        i, j = best // n, best % n
+        perm[rows, i] = j
+        grid = flat.view(-1, n, n)
+        grid[rows, i, :] = nan
+        grid[rows, :, j] = nan
+    return perm.reshape(scores.shape[:-1])
+
+
+def _hungarian(scores: torch.Tensor) -> torch.Tensor:
+    from scipy.optimize import linear_sum_assignment  # optional dependency: imported lazily
+
+    n = scores.shape[-1]
+    mats = scores.detach().to("cpu", torch.float64).reshape(-1, n, n).numpy()
+    perm = torch.empty(mats.shape[0], n, dtype=torch.long)
+    for b, m in enumerate(mats):
+        try:
+            rows, cols = linear_sum_assignment(m, maximize=True)
+        except ValueError:
+            raise ValueError(f"matrix {b} has no permutation with all scores finite (too many -inf "
+                             "entries)") from None
+        perm[b, torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return perm.reshape(scores.shape[:-1]).to(scores.device)
+
+
+def matching(scores: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
+    r"""The permutation that maximizes the total score: :math:`\arg\max_\sigma \sum_i
+    \mathrm{scores}_{i, \sigma(i)}` (the matching operator :math:`M` of Mena et al. 2018).
+
+    ``method="hungarian"`` solves the linear assignment problem exactly with
+    :func:`scipy.optimize.linear_sum_assignment` (Kuhn 1955; Crouse 2016); ``"greedy"`` takes
+    the largest remaining entry until every row is assigned (exact when the scores are close to
+    a permutation matrix, e.g. a low-temperature Sinkhorn output, and within a factor 2 of the
+    optimum for nonnegative scores); ``"auto"`` uses the Hungarian algorithm when SciPy is
+    importable, else greedy.
+    Not differentiable (use :func:`gumbel_sinkhorn` with ``hard=True`` for gradients).
+
+    Args:
+        scores: a batch of square score matrices ``(..., n, n)``; ``-inf`` forbids an
+            assignment (the Hungarian method raises if no permutation avoids them).
+        method: ``"auto"``, ``"hungarian"`` or ``"greedy"``.
+
+    Returns:
+        int64 ``(..., n)``: ``perm[..., i]`` is the column assigned to row ``i``. Its permutation
+        matrix is ``torch.nn.functional.one_hot(perm, n)``.
+
+    Example:
+        >>> scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.7, 0.0], [0.0, 0.2, 0.5]])
+        >>> matching(scores).tolist()
+        [1, 0, 2]
+    """
+    scores = _check_square(scores, "scores")
+    if bool(torch.isnan(scores).any() | torch.isposinf(scores).any()):
+        raise ValueError("scores contain NaN or +inf; use finite scores (-inf forbids an assignment)")
+    if method not in MATCHING_METHODS:
+        raise ValueError(f"method must be one of {MATCHING_METHODS}, got {method!r}")
+    if method == "auto":
+        try:
+            import scipy.optimize  # noqa: F401
+        except ImportError:
+            method = "greedy"
+        else:
+            method = "hungarian"
+    with torch.no_grad():
+        return _hungarian(scores) if method == "hungarian" else _greedy_matching(scores)

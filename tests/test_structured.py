@@ -1,0 +1,345 @@
+"""gumbelkit.structured: relaxed top-k, Gumbel-Sinkhorn and matching.
+
+References are naive float64 loops written from the papers; statistical tests use a fixed
+seed each and reject at p < 1e-3.
+"""
+
+import doctest
+import itertools
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats
+
+import gumbelkit as gk
+import gumbelkit.structured as gks
+from gumbelkit.distributions import PlackettLuce
+from gumbelkit.structured import gumbel_sinkhorn, matching, relaxed_topk
+
+F64 = torch.float64
+NEG_INF = float("-inf")
+P_MIN = 1e-3
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ float64 references
+
+
+def relaxed_topk_reference(logits, noise, k, tau):
+    """Xie and Ermon (2019) as in their code, in float64: log(1 - a) floored at log(tiny)."""
+    alpha = logits.double() + noise.double()
+    khot = torch.zeros_like(alpha)
+    for _ in range(k):
+        a = torch.softmax(alpha / tau, -1)
+        khot = khot + a
+        alpha = alpha + torch.log((1 - a).clamp_min(torch.finfo(F64).tiny))
+    return khot
+
+
+def sinkhorn_reference(x, tau, n_iters):
+    """Mena et al. (2018): alternate row and column normalization of exp(x / tau), in float64."""
+    p = torch.exp((x.double() - x.double().amax((-1, -2), keepdim=True)) / tau)
+    for _ in range(n_iters):
+        p = p / p.sum(-1, keepdim=True)
+        p = p / p.sum(-2, keepdim=True)
+    return p
+
+
+def is_permutation_matrix(p: torch.Tensor) -> bool:
+    ones = torch.ones(p.shape[:-1], dtype=p.dtype)
+    return bool(((p == 0) | (p == 1)).all() and torch.equal(p.sum(-1), ones) and torch.equal(p.sum(-2), ones))
+
+
+def score_of(scores: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return scores.gather(-1, perm.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+# ------------------------------------------------------------------ relaxed top-k
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 2.0])
+def test_relaxed_topk_matches_float64_reference_values_and_gradients(tau):
+    logits = (torch.randn(4, 10, generator=gen(0)) * 2).requires_grad_()
+    w = torch.randn(4, 10, generator=gen(1))
+    y = relaxed_topk(logits, 3, tau, generator=gen(2))
+    (y * w).sum().backward()
+    l64 = logits.detach().double().requires_grad_()
+    y64 = relaxed_topk_reference(l64, gk.gumbel_noise_like(logits, generator=gen(2)), 3, tau)
+    (y64 * w.double()).sum().backward()
+    torch.testing.assert_close(y.double(), y64.detach(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(y.sum(-1), torch.full((4,), 3.0))
+    torch.testing.assert_close(logits.grad.double(), l64.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_relaxed_topk_accurate_when_one_item_dominates():
+    # a_1 = 1 - 4e-9 rounds to 1 in float32; a naive log(1 - a_1) is -inf or badly wrong
+    logits = torch.tensor([[20.0, 0.0, 0.5, -1.0]], requires_grad=True)
+    y = relaxed_topk(logits, 2, 1.0, generator=gen(3))
+    noise = gk.gumbel_noise_like(logits, generator=gen(3))
+    torch.testing.assert_close(y.double(), relaxed_topk_reference(logits.detach(), noise, 2, 1.0),
+                               atol=1e-5, rtol=0)
+    y[0, 1].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_relaxed_topk_hard_is_the_exact_gumbel_topk_subset():
+    logits = torch.randn(6, 8, generator=gen(4), requires_grad=True)
+    h = relaxed_topk(logits, 3, 0.5, hard=True, generator=gen(5))
+    idx = gk.gumbel_topk(logits.detach(), 3, generator=gen(5)).indices
+    assert torch.equal(h, torch.zeros(6, 8).scatter_(-1, idx, 1.0))
+    w = torch.randn(6, 8, generator=gen(6))
+    (grad_hard,) = torch.autograd.grad((h * w).sum(), logits)
+    (grad_soft,) = torch.autograd.grad((relaxed_topk(logits, 3, 0.5, generator=gen(5)) * w).sum(), logits)
+    torch.testing.assert_close(grad_hard, grad_soft)
+
+
+def test_relaxed_topk_hard_subset_frequencies():
+    probs = torch.tensor([0.05, 0.15, 0.2, 0.25, 0.35])
+    h = relaxed_topk(probs.log().expand(20_000, 5), 2, 1.0, hard=True, generator=gen(7))
+    sets = list(itertools.combinations(range(5), 2))
+    codes = {s: i for i, s in enumerate(sets)}
+    picked = h.nonzero()[:, 1].view(-1, 2)
+    counts = torch.bincount(torch.tensor([codes[tuple(s)] for s in picked.tolist()]), minlength=len(sets))
+    exact = PlackettLuce(probs.log(), k=2).log_prob_unordered(torch.tensor(sets)).exp()
+    expected = (exact.double() / exact.double().sum() * 20_000).numpy()
+    assert stats.chisquare(counts.numpy(), expected).pvalue > P_MIN
+
+
+def test_relaxed_topk_k1_is_gumbel_softmax_and_low_tau_tends_to_hard():
+    logits = torch.randn(5, 7, generator=gen(8))
+    torch.testing.assert_close(relaxed_topk(logits, 1, 0.7, generator=gen(9)),
+                               gk.gumbel_softmax(logits, 0.7, generator=gen(9)))
+    hard = relaxed_topk(logits.expand(200, 5, 7), 3, 1.0, hard=True, generator=gen(10))
+    gaps = []
+    for tau in (0.1, 0.01, 0.001):
+        soft = relaxed_topk(logits.expand(200, 5, 7), 3, tau, generator=gen(10))
+        gaps.append((soft - hard).abs().amax(-1))
+    # the gap shrinks about as fast as tau; near-ties of the perturbed scores stay soft longest
+    assert gaps[0].mean() > gaps[1].mean() > gaps[2].mean()
+    assert gaps[2].mean() < 0.01 and (gaps[2] < 1e-3).float().mean() > 0.95
+
+
+def test_relaxed_topk_impossible_categories_dim_and_tensor_tau():
+    logits = torch.tensor([[0.0, NEG_INF, 1.0, 2.0, NEG_INF]] * 3).T.contiguous().requires_grad_()  # dim=0
+    tau = torch.tensor([[0.3, 1.0, 3.0]], requires_grad=True)
+    y = relaxed_topk(logits, 2, tau, dim=0, generator=gen(11))
+    assert (y[[1, 4]] == 0).all()
+    torch.testing.assert_close(y.sum(0), torch.full((3,), 2.0))
+    y[0].sum().backward()
+    assert torch.isfinite(tau.grad).all() and torch.isfinite(logits.grad).all()
+    h = relaxed_topk(torch.randn(2, 9, generator=gen(12)).half(), 4, 0.5, hard=True, generator=gen(13))
+    assert h.dtype == torch.float16 and torch.equal(h.sum(-1), torch.full((2,), 4.0, dtype=torch.float16))
+
+
+def test_relaxed_topk_gradcheck():
+    logits = torch.randn(2, 5, generator=gen(36), dtype=F64, requires_grad=True)
+    tau = torch.tensor([[0.4], [1.3]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l, t: relaxed_topk(l, 3, t, generator=gen(14)), (logits, tau))
+
+
+@given(n=st.integers(2, 12), data=st.data(), tau=st.floats(0.01, 10.0), seed=st.integers(0, 2 ** 16))
+def test_property_relaxed_topk_is_a_relaxed_k_hot(n, data, tau, seed):
+    k = data.draw(st.integers(1, n))
+    logits = torch.randn(3, n, generator=gen(seed)) * 5
+    y = relaxed_topk(logits, k, tau, generator=gen(seed))
+    assert torch.isfinite(y).all() and (y >= 0).all()
+    torch.testing.assert_close(y.sum(-1), torch.full((3,), float(k)), atol=1e-4, rtol=0)
+
+
+def test_relaxed_topk_bad_arguments():
+    z = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="k=0"):
+        relaxed_topk(z, 0)
+    with pytest.raises(ValueError, match="k=5"):
+        relaxed_topk(z, 5)
+    with pytest.raises(TypeError, match="k must be an int"):
+        relaxed_topk(z, 2.0)
+    with pytest.raises(ValueError, match="tau"):
+        relaxed_topk(z, 2, tau=0.0)
+    with pytest.raises(ValueError, match="k=3 is larger"):
+        relaxed_topk(torch.tensor([0.0, 1.0, NEG_INF, NEG_INF]), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        relaxed_topk(torch.tensor([0.0, float("nan")]), 1)
+    with pytest.raises(TypeError, match="hard"):
+        relaxed_topk(z, 2, hard=1)
+    with pytest.raises(TypeError, match="logits"):
+        relaxed_topk(torch.zeros(4, dtype=torch.long), 2)
+
+
+# ------------------------------------------------------------------ Gumbel-Sinkhorn
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3, 0.1])
+def test_sinkhorn_rows_and_columns_sum_to_one(tau):
+    log_alpha = torch.randn(8, 6, 6, generator=gen(15)) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not converge" warning
+        p = gumbel_sinkhorn(log_alpha, tau, 20_000, tol=1e-4, generator=gen(16))
+    ones = torch.ones(8, 6)
+    torch.testing.assert_close(p.sum(-1), ones, atol=1e-4, rtol=0)
+    torch.testing.assert_close(p.sum(-2), ones, atol=1e-4, rtol=0)
+    # a fixed number of iterations (Mena et al.): columns are normalized last, so exact
+    q = gumbel_sinkhorn(log_alpha, tau, 20, generator=gen(16))
+    torch.testing.assert_close(q.sum(-2), ones, atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_matches_float64_reference_and_noise_contract():
+    log_alpha = torch.randn(3, 5, 5, generator=gen(17), requires_grad=True)
+    w = torch.randn(3, 5, 5, generator=gen(18))
+    p = gumbel_sinkhorn(log_alpha, 0.7, 30, generator=gen(19))
+    (p * w).sum().backward()
+    noise = gk.gumbel_noise_like(log_alpha, generator=gen(19))
+    la64 = log_alpha.detach().double().requires_grad_()
+    p64 = sinkhorn_reference(la64 + noise.double(), 0.7, 30)
+    (p64 * w.double()).sum().backward()
+    torch.testing.assert_close(p.double(), p64.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_alpha.grad.double(), la64.grad, atol=1e-4, rtol=1e-4)
+    same = gumbel_sinkhorn(log_alpha.detach() + noise, 0.7, 30, noise=False)
+    torch.testing.assert_close(p.detach(), same)
+
+
+def test_sinkhorn_hard_is_the_gumbel_matching_with_straight_through_gradient():
+    log_alpha = torch.randn(10, 5, 5, generator=gen(20), requires_grad=True)
+    h = gumbel_sinkhorn(log_alpha, 0.5, 20, hard=True, generator=gen(21))
+    assert is_permutation_matrix(h)
+    perm = matching(log_alpha.detach() + gk.gumbel_noise_like(log_alpha, generator=gen(21)))
+    assert torch.equal(h.argmax(-1), perm)
+    w = torch.randn(10, 5, 5, generator=gen(22))
+    (g_hard,) = torch.autograd.grad((h * w).sum(), log_alpha)
+    (g_soft,) = torch.autograd.grad((gumbel_sinkhorn(log_alpha, 0.5, 20, generator=gen(21)) * w).sum(),
+                                    log_alpha)
+    torch.testing.assert_close(g_hard, g_soft)
+
+
+def test_sinkhorn_low_temperature_tends_to_the_matching():
+    log_alpha = torch.randn(30, 4, 4, generator=gen(23)) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a few near-tied matrices converge slowly
+        soft = gumbel_sinkhorn(log_alpha, 0.02, 2000, tol=1e-5, generator=gen(24))
+    hard = gumbel_sinkhorn(log_alpha, 0.02, hard=True, generator=gen(24))
+    assert ((soft - hard).abs().amax((-1, -2)) < 1e-2).float().mean() > 0.9
+
+
+def test_sinkhorn_recovers_a_planted_permutation():
+    """Learn log_alpha so that P x reorders the rows of x by a hidden permutation (Mena et al.)."""
+    g, n = gen(25), 8
+    planted = torch.randperm(n, generator=g)
+    log_alpha = torch.zeros(n, n, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=0.1)
+    assert not torch.equal(matching(log_alpha.detach()), planted)
+    for _ in range(80):
+        x = torch.randn(32, n, 2, generator=g)
+        p = gumbel_sinkhorn(log_alpha.expand(32, n, n), 0.5, 20, generator=g)
+        loss = ((p @ x - x[:, planted]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(matching(log_alpha.detach()), planted)
+    assert loss.item() < 0.05
+
+
+def test_sinkhorn_warns_when_not_converged_and_tensor_tau():
+    log_alpha = torch.randn(4, 5, 5, generator=gen(26)) * 3
+    with pytest.warns(RuntimeWarning, match="raise n_iters"):
+        gumbel_sinkhorn(log_alpha, 0.05, 10, tol=1e-7, generator=gen(27))
+    tau = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(4, 1, 1)
+    p = gumbel_sinkhorn(log_alpha, tau, 40, generator=gen(28))
+    for i in range(4):
+        torch.testing.assert_close(p[i], gumbel_sinkhorn(log_alpha, tau[i].item(), 40, generator=gen(28))[i])
+
+
+def test_sinkhorn_forbidden_entries_and_gradcheck():
+    la = torch.randn(4, 4, generator=gen(29))
+    la[0, 1] = la[2, 3] = NEG_INF
+    tau = torch.tensor(0.6, requires_grad=True)
+    p = gumbel_sinkhorn(la, tau, 5000, tol=1e-5, generator=gen(30))
+    assert p[0, 1] == 0 and p[2, 3] == 0
+    p.sum().backward()
+    assert torch.isfinite(tau.grad)
+    assert gumbel_sinkhorn(la, 0.3, hard=True, generator=gen(31))[0, 1] == 0
+    l64 = torch.randn(2, 3, 3, generator=gen(37), dtype=F64, requires_grad=True)
+    t64 = torch.tensor([[[0.5]], [[1.5]]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, t: gumbel_sinkhorn(a, t, 5, generator=gen(32)), (l64, t64))
+
+
+def test_sinkhorn_bad_arguments():
+    z = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        gumbel_sinkhorn(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="shape"):
+        gumbel_sinkhorn(torch.zeros(3))
+    with pytest.raises(ValueError, match="n_iters=0"):
+        gumbel_sinkhorn(z, 1.0, 0)
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_sinkhorn(z, -1.0)
+    with pytest.raises(ValueError, match="inside a matrix"):
+        gumbel_sinkhorn(z, torch.ones(3, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        gumbel_sinkhorn(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="no allowed category"):
+        gumbel_sinkhorn(torch.tensor([[NEG_INF, NEG_INF], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="column"):
+        gumbel_sinkhorn(torch.tensor([[NEG_INF, 0.0], [NEG_INF, 0.0]]))
+    with pytest.raises(ValueError, match="tol"):
+        gumbel_sinkhorn(z, tol=-1.0)
+    with pytest.raises(TypeError, match="noise"):
+        gumbel_sinkhorn(z, noise=None)
+
+
+# ------------------------------------------------------------------ matching
+
+
+def test_hungarian_matching_is_optimal():
+    scores = torch.randn(20, 6, 6, generator=gen(33), dtype=F64)
+    perm = matching(scores)
+    perms = torch.tensor(list(itertools.permutations(range(6))))
+    best = scores[:, torch.arange(6), perms].sum(-1).amax(-1)  # brute force over 720 permutations
+    torch.testing.assert_close(score_of(scores, perm), best)
+    assert torch.equal(matching(scores, method="hungarian"), perm)
+
+
+def test_greedy_matching():
+    g = gen(34)
+    planted = torch.stack([torch.randperm(7, generator=g) for _ in range(10)])
+    near = torch.nn.functional.one_hot(planted, 7).double() + 0.2 * torch.rand(10, 7, 7, generator=g, dtype=F64)
+    assert torch.equal(matching(near, method="greedy"), planted)  # exact near a permutation matrix
+    scores = torch.rand(50, 6, 6, generator=g, dtype=F64)
+    greedy = matching(scores, method="greedy")
+    assert torch.equal(greedy.sort(-1).values, torch.arange(6).expand(50, 6))
+    assert (score_of(scores, greedy) >= 0.5 * score_of(scores, matching(scores))).all()  # 1/2-approx.
+
+
+def test_matching_falls_back_to_greedy_without_scipy(monkeypatch):
+    scores = torch.randn(5, 5, 5, generator=gen(35))
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import scipy.optimize -> ImportError
+    assert torch.equal(matching(scores), matching(scores, method="greedy"))
+    with pytest.raises(ImportError):
+        matching(scores, method="hungarian")
+
+
+def test_matching_forbidden_entries_and_errors():
+    scores = torch.tensor([[5.0, NEG_INF, 0.0], [0.0, 5.0, NEG_INF], [NEG_INF, 0.0, 5.0]])
+    assert matching(scores).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="no permutation"):
+        matching(torch.tensor([[0.0, NEG_INF], [0.0, NEG_INF]]))
+    with pytest.raises(ValueError, match="NaN"):
+        matching(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="method"):
+        matching(scores, method="auction")
+    with pytest.raises(ValueError, match="shape"):
+        matching(torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------ docs
+
+
+def test_module_docstring_examples():
+    result = doctest.testmod(gks, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 5 and result.failed == 0
