@@ -8,6 +8,7 @@ import doctest
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -23,9 +24,13 @@ from gumbelkit.data import batches, load_digits, load_mnist, read_idx
 from gumbelkit.demo import (
     ClassifyConfig,
     DemoConfig,
+    History,
     available_estimators,
+    build,
+    make_schedule,
     run_classify,
     sample_latent,
+    train,
 )
 
 TINY = ["--steps", "40", "--importance-samples", "4", "--latents", "6", "--classes", "4",
@@ -183,8 +188,8 @@ def test_sample_latent_builtin_and_delegated():
     assert names[:2] == ["st-gs", "soft"]
     from gumbelkit import estimators
 
-    assert "reinforce" not in names  # score-function methods need a surrogate loss
-    for name in set(names) - {"st-gs", "soft"}:
+    assert set(names) == {"st-gs", "soft", *estimators.available()}
+    for name in set(estimators.available("pathwise")) - {"st-gs"}:
         z = sample_latent(logits, name, tau=0.5, generator=g(2))
         assert torch.equal(z, estimators.sample(logits, name, tau=0.5, generator=g(2)))
     with pytest.raises(ValueError, match="unknown estimator"):
@@ -273,12 +278,24 @@ def test_demo_soft_estimator_and_mnist(tmp_path):
     assert mpimg.imread(out / "samples.png").ndim == 3
 
 
-def test_demo_delegates_other_estimators(tmp_path):
-    name = next(n for n in available_estimators() if n not in ("st-gs", "soft"))
+@pytest.mark.parametrize("name", ["reinmax", "gumbel-rao", "reinforce", "rloo"])
+def test_demo_trains_with_other_estimators(tmp_path, name):
     out = tmp_path / name
     assert run_cli("demo", *TINY, "--estimator", name, "--steps", 5, "--out", out) == 0
     m = metrics_of(out)
     assert m["config"]["estimator"] == name and all(math.isfinite(v) for v in m["loss"])
+
+
+def test_score_function_training_reduces_the_neg_elbo():
+    """RLOO's surrogate has the -ELBO's value and an unbiased gradient: training improves it."""
+    cfg = DemoConfig(estimator="rloo", latents=4, classes=4, hidden=(32,), samples=4)
+    model, optimizer = build(cfg, in_features=64, device=torch.device("cpu"))
+    history = History()
+    train(model, optimizer, batches(load_digits().train_x, 100, seed=0), estimator="rloo",
+          schedule=make_schedule(cfg), generator=torch.Generator().manual_seed(0), start=0, stop=150,
+          history=history, samples=4)
+    assert history.loss[0] == pytest.approx(history.neg_elbo[0], rel=1e-5)
+    assert sum(history.neg_elbo[-20:]) / 20 < history.neg_elbo[0] - 5
 
 
 def test_demo_errors_are_messages(tmp_path, capsys):
@@ -333,3 +350,17 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "gumbelkit.cli", "--version"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("gumbelkit ")
+
+
+def test_demo_trains_data_parallel_under_torchrun(tmp_path):
+    """torchrun with 2 gloo ranks: 20 DDP steps, every rank's noise its own, replicas identical."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gumbelkit.cli", "demo", *map(str, TINY), "--steps", "20", "--dist-timeout", "60",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = metrics_of(out)
+    assert m["world_size"] == 2 and len(m["loss"]) == 20
+    assert all(math.isfinite(v) for v in m["loss"])

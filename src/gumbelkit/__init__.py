@@ -8,10 +8,11 @@ Example:
     [1.0, 1.0, 1.0, 1.0]
 """
 
-from . import distributions, nn, schedules, structured
+from . import distributions, estimators, nn, schedules, structured
 from .functional import gumbel_max, gumbel_softmax, gumbel_topk, log_gumbel_softmax
 from .nn import CategoricalVAE, GumbelSoftmax, GumbelVectorQuantizer
 from .noise import gumbel_noise, gumbel_noise_like
+from .sampling import SampleOutput, sample
 from .schedules import (
     ConstantSchedule,
     CosineSchedule,
@@ -32,8 +33,10 @@ __all__ = [
     "GumbelVectorQuantizer",
     "LearnableTemperature",
     "LinearSchedule",
+    "SampleOutput",
     "__version__",
     "distributions",
+    "estimators",
     "gumbel_max",
     "gumbel_noise",
     "gumbel_noise_like",
@@ -44,6 +47,7 @@ __all__ = [
     "matching",
     "nn",
     "relaxed_topk",
+    "sample",
     "schedules",
     "structured",
 ]

@@ -22,6 +22,7 @@ __all__ = ["build_parser", "main"]
 
 DEMO_HELP = {
     "estimator": "gradient estimator for the discrete codes",
+    "samples": "codes drawn per image for the score-function estimators (reinforce, rloo)",
     "latents": "N, the number of categorical latent variables",
     "classes": "K, the number of classes of each latent variable",
     "hidden": "hidden layer sizes of the encoder (the decoder mirrors them)",
@@ -42,6 +43,7 @@ DEMO_HELP = {
     "checkpoint_every": "also save checkpoint.pt every this many steps",
     "threads": "torch CPU threads (1 suits these small models and busy machines)",
     "quiet": "no progress bar and no summary table",
+    "dist_timeout": "seconds a rank waits for the others under torchrun before failing",
 }
 
 CLASSIFY_HELP = {
@@ -118,11 +120,26 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
+def _estimators_options(p: argparse.ArgumentParser) -> None:
+    from . import _estimator_report
+
+    _estimator_report.add_arguments(p)
+
+
+def _run_estimators(args: argparse.Namespace) -> int:
+    from . import _estimator_report
+
+    return _estimator_report.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": ("train a categorical VAE with Gumbel-Softmax latents on digits (or MNIST), with "
              "live progress, plots, metrics and a resumable checkpoint", _demo_options, _run_demo),
     "classify": ("train a digits classifier through a Gumbel-Softmax layer and compare it with "
                  "a plain softmax classifier", _classify_options, _run_classify),
+    "estimators": ("measure each gradient estimator's bias, standard deviation and cosine against the "
+                   "exact gradient on enumerable problems; writes a markdown table and a plot",
+                   _estimators_options, _run_estimators),
 }
 
 

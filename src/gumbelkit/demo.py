@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import _ddp, estimators
 from .data import DATASETS, Dataset, batches, load_dataset, load_digits
 from .functional import gumbel_max, gumbel_softmax
 from .nn import CategoricalVAE, GumbelSoftmax
@@ -61,7 +60,8 @@ BUILTIN_ESTIMATORS = ("st-gs", "soft")
 SCHEDULES = ("exponential", "constant", "linear", "cosine")
 CHECKPOINT = "checkpoint.pt"
 # settings that may differ between a checkpoint and the run that resumes it
-RESUMABLE = ("steps", "out", "device", "quiet", "importance_samples", "checkpoint_every", "threads")
+RESUMABLE = ("steps", "out", "device", "quiet", "importance_samples", "checkpoint_every", "threads",
+             "dist_timeout")
 
 
 @dataclass
@@ -69,6 +69,7 @@ class DemoConfig:
     """Settings of ``gumbelkit demo`` (the command-line options, one for one)."""
 
     estimator: str = "st-gs"
+    samples: int = 4
     latents: int = 20
     classes: int = 10
     hidden: tuple[int, ...] = (256, 128)
@@ -86,14 +87,15 @@ class DemoConfig:
     anneal_rate: float = 1.5e-4
     anneal_every: int = 100
     importance_samples: int = 100
+    dist_timeout: float = 120.0
     checkpoint_every: int = 1000
     threads: int = 1
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        _check_fields(self, ints=("latents", "classes", "steps", "batch_size", "anneal_every",
+        _check_fields(self, ints=("samples", "latents", "classes", "steps", "batch_size", "anneal_every",
                                   "importance_samples", "checkpoint_every", "threads"),
-                      floats=("lr", "tau0", "tau_min"))
+                      floats=("lr", "tau0", "tau_min", "dist_timeout"))
         if self.classes < 2:
             raise ValueError(f"--classes must be >= 2 (a categorical needs two classes), "
                              f"got {self.classes}")
@@ -123,25 +125,25 @@ def _check_fields(config: object, ints: tuple[str, ...], floats: tuple[str, ...]
 # ----------------------------------------------------------------------------- estimators
 
 def available_estimators() -> list[str]:
-    """``st-gs`` and ``soft``, plus the pathwise methods of :mod:`gumbelkit.estimators`.
+    """``st-gs`` and ``soft``, then every method of :mod:`gumbelkit.estimators`.
 
-    Score-function methods (REINFORCE, RLOO) are not offered: they train on a surrogate built
-    from the per-example loss, which :func:`train` does not add yet.
+    Pathwise methods go through :func:`sample_latent`; score-function methods (REINFORCE,
+    RLOO) train on a surrogate built from the per-sample loss (see :func:`train`).
 
     Example:
         >>> available_estimators()[:2]
         ['st-gs', 'soft']
     """
-    names = list(BUILTIN_ESTIMATORS)
-    if importlib.util.find_spec("gumbelkit.estimators") is not None:
-        estimators = importlib.import_module("gumbelkit.estimators")
-        names += [n for n in estimators.available("pathwise") if n not in names]
-    return names
+    return list(BUILTIN_ESTIMATORS) + [n for n in estimators.available() if n not in BUILTIN_ESTIMATORS]
 
 
 def _check_estimator(name: str) -> None:
-    if name not in BUILTIN_ESTIMATORS and name not in available_estimators():
+    if name not in available_estimators():
         raise ValueError(f"unknown estimator {name!r}; choose one of {available_estimators()}")
+
+
+def _is_score_function(name: str) -> bool:
+    return name in estimators.available("score-function")
 
 
 def sample_latent(logits: torch.Tensor, estimator: str, *, tau: float | torch.Tensor,
@@ -162,7 +164,6 @@ def sample_latent(logits: torch.Tensor, estimator: str, *, tau: float | torch.Te
     if estimator in BUILTIN_ESTIMATORS:
         return gumbel_softmax(logits, tau, hard=estimator == "st-gs", generator=generator)
     _check_estimator(estimator)
-    estimators = importlib.import_module("gumbelkit.estimators")
     return estimators.sample(logits, estimator, tau=tau, dim=-1, generator=generator)
 
 
@@ -225,13 +226,16 @@ def build(config: DemoConfig, in_features: int, device: torch.device
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Iterator[torch.Tensor], *,
           estimator: str, schedule: TemperatureSchedule, generator: torch.Generator,
-          start: int, stop: int, history: History,
+          start: int, stop: int, history: History, samples: int = 4,
           on_step: Callable[[int, History], None] | None = None) -> None:
     """Steps ``start`` .. ``stop - 1``: one batch from ``data`` each, appending to ``history``.
 
     Each step minimizes the mean over the batch of the single-sample -ELBO estimate
     ``nll(x, z) + KL(q(z|x) || uniform)`` with ``z = sample_latent(logits, estimator, tau)``,
-    ``tau = schedule(step)``: the categorical VAE of Jang et al. (2017).
+    ``tau = schedule(step)``: the categorical VAE of Jang et al. (2017). Score-function
+    estimators (``reinforce``, ``rloo``) instead draw ``samples`` exact codes per image and
+    minimize ``reinforce_surrogate(log q(z|x), nll(x, z)) + KL``, whose value is the same
+    -ELBO estimate averaged over the samples (Williams 1992; Kool et al. 2019 for RLOO).
 
     Example:
         >>> cfg = DemoConfig(latents=4, classes=4, hidden=(32,))
@@ -248,19 +252,33 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Iterat
         True
     """
     model.train()
+    score_function = _is_score_function(estimator)
     for step in range(start, stop):
         x = next(data)
         tau = schedule(step)
-        out = model(x, lambda logits, tau=tau: sample_latent(logits, estimator, tau=tau,
-                                                               generator=generator))
-        # out.nll + out.kl is per example: a score-function surrogate would be added to it here
-        loss = (out.nll + out.kl).mean()
+        if score_function:
+            log_q: list[torch.Tensor] = []
+
+            def draw(logits: torch.Tensor, log_q: list[torch.Tensor] = log_q) -> torch.Tensor:
+                z, lq = estimators.sample_with_log_prob(logits, samples, generator=generator)
+                log_q.append(lq.sum(-1))
+                return z  # (samples, batch, latents, classes): nll comes out (samples, batch)
+
+            out = model(x, draw)
+            surrogate = estimators.ESTIMATORS[estimator].function(log_q[0], out.nll)
+            loss = (surrogate + out.kl).mean()
+            neg_elbo = out.neg_elbo.mean()
+        else:
+            out = model(x, lambda logits, tau=tau: sample_latent(logits, estimator, tau=tau,
+                                                                   generator=generator))
+            loss = (out.nll + out.kl).mean()
+            neg_elbo = out.neg_elbo.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         history.step.append(step)
         history.loss.append(loss.item())
-        history.neg_elbo.append(out.neg_elbo.mean().item())
+        history.neg_elbo.append(neg_elbo.item())
         history.tau.append(tau)
         if on_step is not None:
             on_step(step, history)
@@ -466,11 +484,17 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
         kept["hidden"] = tuple(kept["hidden"])
         config = dataclasses.replace(config, **kept)
     schedule = make_schedule(config)
+    # under torchrun: one process per rank, gloo on CPU / nccl on GPU, DDP; else a single process
     device = _device(config.device)
+    info = _ddp.init_from_env(device=None if device.type == "cuda" else device,  # cuda: one GPU per rank
+                              timeout=config.dist_timeout)
+    device = info.device if info.distributed else device
+    if not info.is_main:
+        config = dataclasses.replace(config, quiet=True)
     data: Dataset = load_dataset(config.data, config.data_dir)
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     model, optimizer = build(config, train_x.shape[1], device)
-    generator = torch.Generator(device).manual_seed(config.seed)
+    generator = _ddp.rank_generator(config.seed, info)  # seed + rank: independent noise per rank
     history, start, train_time = History(), 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -483,8 +507,11 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
                              f"pass --steps larger than {start} to train further")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    batch_iter = batches(train_x, min(config.batch_size, len(train_x)), seed=config.seed,
-                         start_step=start)
+    # every rank draws the same global batch and keeps its own slice of it
+    global_batch = min(config.batch_size, len(train_x) // info.world_size) * info.world_size
+    batch_iter = (_ddp.local_batch(b, info)
+                  for b in batches(train_x, global_batch, seed=config.seed, start_step=start))
+    ddp_model = _ddp.wrap_model(model, info)
     t0 = time.perf_counter()
     with _progress(console, config.quiet) as progress:
         task = progress.add_task(config.estimator, total=config.steps,
@@ -496,14 +523,21 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
             for key in ("loss", "neg_elbo"):  # smoothed for a readable bar
                 ema[key] = 0.95 * ema.get(key, getattr(h, key)[-1]) + 0.05 * getattr(h, key)[-1]
             progress.update(task, advance=1, tau=h.tau[-1], **ema)
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            if info.is_main and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(ckpt_path, model, optimizer, generator, config, history,
                                  train_time + time.perf_counter() - t0)
 
-        train(model, optimizer, batch_iter, estimator=config.estimator, schedule=schedule,
+        train(ddp_model, optimizer, batch_iter, estimator=config.estimator, schedule=schedule,
               generator=generator, start=start, stop=config.steps, history=history,
-              on_step=on_step)
+              samples=config.samples, on_step=on_step)
     train_time += time.perf_counter() - t0
+    del ddp_model, batch_iter  # DDP must not outlive the process group
+    in_sync = _ddp.replicas_in_sync(model, info)
+    _ddp.cleanup(info)
+    if not in_sync:
+        raise RuntimeError("the ranks' parameters diverged during data-parallel training")
+    if not info.is_main:
+        return {}
     _save_checkpoint(ckpt_path, model, optimizer, generator, config, history, train_time)
 
     m = config.importance_samples
@@ -515,6 +549,7 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
     _plot_samples(model, data.image_shape, out_dir / "samples.png", seed=config.seed + 3)
     metrics = {
         "config": dataclasses.asdict(config),
+        "world_size": info.world_size,
         "steps": history.step,
         "loss": history.loss,
         "neg_elbo": history.neg_elbo,

@@ -107,6 +107,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
             ctx.save_for_backward(y)
         if not hard:
             return y
+        ctx.set_materialize_grads(False)  # y's gradient is usually None: don't add a zero tensor
         one_hot = torch.zeros_like(y).scatter_(dim, index, 1.0)
         return one_hot, y
 
@@ -117,7 +118,10 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         tau_t = rest[0] if rest else None
         cdtype = compute_dtype(y.dtype)
         yc = y.to(cdtype)
-        gc = grads[0].to(cdtype) if len(grads) == 1 else grads[0].to(cdtype) + grads[1].to(cdtype)
+        present = [g.to(cdtype) for g in grads if g is not None]
+        if not present:
+            return None, None, None, None, None, None
+        gc = present[0] if len(present) == 1 else present[0] + present[1]
         w = gc * yc
         w = w.addcmul_(yc, w.sum(ctx.dim, keepdim=True), value=-1.0)  # y * (G - <G, y>)
         tau = tau_t.to(cdtype) if tau_t is not None else ctx.tau

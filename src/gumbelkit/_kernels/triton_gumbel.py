@@ -209,12 +209,16 @@ class TritonGumbelSoftmaxFunction(torch.autograd.Function):
         y_out = y.view(shape).movedim(-1, dim)
         if not hard:
             return y_out
+        ctx.set_materialize_grads(False)
         return one_hot.view(shape).movedim(-1, dim), y_out
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         (y,) = ctx.saved_tensors
-        grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]  # straight-through
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None, None, None, None
+        grad = present[0] if len(present) == 1 else present[0] + present[1]  # straight-through
         g, _ = _as_rows(grad, ctx.dim)
         dx = torch.empty_like(y)
         n_rows, n_cols = y.shape
