@@ -33,6 +33,8 @@ test: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/bench_core.py --write-docs
+	$(BIN)/python benchmarks/bench_estimators.py --write-docs
+	$(BIN)/python benchmarks/sampling_bench.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

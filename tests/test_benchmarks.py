@@ -21,3 +21,11 @@ def test_bench_core_quick(tmp_path):
         if r["op"] == "gumbel_softmax fwd":
             assert r["torch_mb"] >= 0 and r["gk_mb"] >= 0
     assert "| gumbel_max |" in md.read_text() and png.stat().st_size > 0
+
+
+def test_bench_estimators_quick():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_estimators.py"), "--shape", "8", "16", "--rounds", "1",
+           "--min-time", "0", "--threads", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    for name in ("st-gs", "reinmax", "gst", "gumbel-rao"):
+        assert name in out
