@@ -364,3 +364,10 @@ def test_demo_trains_data_parallel_under_torchrun(tmp_path):
     m = metrics_of(out)
     assert m["world_size"] == 2 and len(m["loss"]) == 20
     assert all(math.isfinite(v) for v in m["loss"])
+
+
+def test_estimators_subcommand_writes_table_and_plot(tmp_path):
+    assert run_cli("estimators", "--draws", 50, "--taus", 1.0, "--out", tmp_path) == 0
+    table = (tmp_path / "estimators_bias.md").read_text()
+    assert "reinmax" in table and "rloo" in table
+    assert (tmp_path / "images" / "estimators_bias.png").stat().st_size > 0
