@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 
 import gumbelkit as gk
-from gumbelkit.noise import _standard_gumbel_
+from gumbelkit.noise import _neg_gumbel_
 from reference import EULER_GAMMA
 
 N = 1_000_000
@@ -54,7 +54,7 @@ def test_transform_is_finite_at_the_ends_of_the_uniform_range(dtype, monkeypatch
 
     monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
     for _ in range(2):
-        assert torch.isfinite(_standard_gumbel_(torch.empty(3, dtype=dtype), None)).all()
+        assert torch.isfinite(_neg_gumbel_(torch.empty(3, dtype=dtype), None)).all()
 
 
 def test_half_is_rounded_from_float32():

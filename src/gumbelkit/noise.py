@@ -70,25 +70,20 @@ def _neg_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.
     return _uniform_(buf, torch.finfo(buf.dtype).tiny, generator).log_().neg_().log_()
 
 
-def _standard_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return _neg_gumbel_(buf, generator).neg_()
+def _neg_gumbel(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """``-g`` in the compute dtype of ``dtype`` in a fresh buffer; half precision is rounded through ``dtype``."""
+    cdtype = compute_dtype(dtype)
+    buf = _neg_gumbel_(torch.empty(shape, dtype=cdtype, device=device), generator)
+    if cdtype != dtype:
+        # the noise contract rounds half-precision noise; rounding commutes with negation
+        buf = buf.to(dtype).to(cdtype)
+    return buf
 
 
 def neg_gumbel_like(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """``-gumbel_noise_like(t)`` in the compute dtype of ``t``, in a fresh buffer the caller owns."""
-    cdtype = compute_dtype(t.dtype)
-    buf = _neg_gumbel_(torch.empty(t.shape, dtype=cdtype, device=t.device), generator)
-    if cdtype != t.dtype:
-        # the noise contract rounds half-precision noise; rounding commutes with negation
-        buf = buf.to(t.dtype).to(cdtype)
-    return buf
-
-
-def _standard_gumbel(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                     generator: torch.Generator | None) -> torch.Tensor:
-    """Standard Gumbel draws in ``dtype``, computed in at least float32."""
-    buf = torch.empty(shape, dtype=compute_dtype(dtype), device=device)
-    return _standard_gumbel_(buf, generator).to(dtype)
+    return _neg_gumbel(t.shape, t.dtype, t.device, generator)
 
 
 def _check_param(value: object, name: str, positive: bool) -> None:
@@ -153,7 +148,7 @@ def gumbel_noise(
     check_generator(generator, device)
     _check_param(loc, "loc", positive=False)
     _check_param(scale, "scale", positive=True)
-    g = _standard_gumbel(shape, compute_dtype(dtype), device, generator)
+    g = _neg_gumbel(shape, compute_dtype(dtype), device, generator).neg_()
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         g = g * scale
     if isinstance(loc, torch.Tensor) or loc != 0.0:
@@ -181,4 +176,4 @@ def gumbel_noise_like(t: torch.Tensor, *, generator: torch.Generator | None = No
     if t.is_complex() or not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
     check_generator(generator, t.device)
-    return _standard_gumbel(t.shape, t.dtype, t.device, generator)
+    return neg_gumbel_like(t, generator).neg_().to(t.dtype)
