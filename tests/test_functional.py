@@ -96,12 +96,16 @@ def test_noise_contract_all_functions():
     mask[:, 0] = True
     noise = gk.gumbel_noise_like(logits, generator=gen(8))
     x = ref.perturbed(logits, noise, mask)
-    # gumbel_max: exactly the argmax of logits + noise (float32 sum, as the library computes it)
-    x32 = (logits + noise).masked_fill(~mask, NEG_INF)
+    # gumbel_max: exactly the argmax of (logits - m) + noise, m the row maximum of the allowed
+    # logits (float32, as the library computes it: shifting first keeps the noise exact)
+    allowed = logits.masked_fill(~mask, NEG_INF)
+    m = allowed.amax(-1, keepdim=True)
+    x32 = (allowed - m) + noise
     assert torch.equal(gk.gumbel_max(logits, generator=gen(8), mask=mask), x32.argmax(-1))
     top = gk.gumbel_topk(logits, 3, generator=gen(8), mask=mask)
     assert torch.equal(top.indices, x32.topk(3).indices)
-    assert torch.equal(top.values, x32.topk(3).values)
+    assert torch.equal(top.values, x32.topk(3).values + m)
+    torch.testing.assert_close(top.values, (logits + noise).masked_fill(~mask, NEG_INF).topk(3).values)
     y = gk.gumbel_softmax(logits, 0.5, generator=gen(8), mask=mask)
     torch.testing.assert_close(y.double(), torch.softmax(x / 0.5, -1), atol=1e-6, rtol=1e-5)
     lg = gk.log_gumbel_softmax(logits, 0.5, generator=gen(8), mask=mask)
@@ -256,9 +260,19 @@ def test_drop_in_for_torch_on_the_same_noise(hard, dim, dtype):
     up = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad(got, x, up)[0], torch.autograd.grad(want, x, up)[0])
     # and the public function has the same shape, dtype and one-hot behaviour
-    pub = gk.gumbel_softmax(x, 0.8, hard, dim)
+    pub = gk.gumbel_softmax(x, 0.8, hard, 1e-10, dim)  # torch's positional order
     assert pub.shape == want.shape and pub.dtype == want.dtype
     torch.testing.assert_close(pub.sum(dim), torch.ones_like(pub.sum(dim)))
+
+
+def test_positional_order_is_torchs():
+    # F.gumbel_softmax(logits, tau, hard, eps, dim): the same positional call means the same here
+    x = torch.randn(3, 4, 5)
+    a = gk.gumbel_softmax(x, 0.7, True, 1e-10, 1, generator=gen(3))
+    b = gk.gumbel_softmax(x, tau=0.7, hard=True, dim=1, generator=gen(3))
+    assert torch.equal(a, b) and torch.equal(a.sum(1), torch.ones(3, 5))
+    with pytest.raises(TypeError):
+        gk.gumbel_softmax(x, 0.7, True, 1e-10, 1, gen(3))  # generator is keyword-only
 
 
 def test_eps_is_accepted_and_ignored():
@@ -404,7 +418,6 @@ GOOD = torch.zeros(3, 4)
         (lambda: gk.gumbel_softmax(GOOD, dim=2), ValueError, "dim"),
         (lambda: gk.gumbel_softmax(GOOD, dim=2), IndexError, "dim"),
         (lambda: gk.gumbel_max(GOOD, dim=-3), ValueError, "dim"),
-        (lambda: gk.gumbel_softmax(GOOD, 1.0, False, 1e-10), TypeError, "eps"),
         (lambda: gk.gumbel_topk(GOOD, 0), ValueError, "k"),
         (lambda: gk.gumbel_topk(GOOD, 5), ValueError, "k"),
         (lambda: gk.gumbel_topk(GOOD, 2.0), TypeError, "k"),

@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from scipy import stats
 
 import gumbelkit as gk
-from gumbelkit.noise import _neg_gumbel_
+from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, fill_gumbel_
 from reference import EULER_GAMMA
 
 N = 1_000_000
@@ -43,21 +45,52 @@ def test_never_infinite_and_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_transform_is_finite_at_the_ends_of_the_uniform_range(dtype, monkeypatch):
-    # The most extreme uniforms the draw can return: `tiny` and the largest value below 1.
-    tiny, top = torch.finfo(dtype).tiny, 1.0 - torch.finfo(dtype).eps / 2
-    ends = iter([tiny, top])
+@pytest.mark.parametrize(("u", "w"), [(0.0, 0.0), (0.0, 1.0 - 2**-53), (1.0 - 2**-24, 0.0),
+                                      (1.0 - 2**-24, 1.0 - 2**-53), (0.5, 0.5)])
+def test_transform_is_finite_at_the_ends_of_both_uniforms(dtype, u, w, monkeypatch):
+    # u is the bulk uniform on [0, 1), w the 53-bit uniform that refines both ends of u
+    real = torch.Tensor.uniform_
 
-    def fake_uniform_(self, a, b, generator=None):
-        assert a == tiny and b == 1.0  # the draw excludes 0
-        return self.fill_(next(ends))
+    def fake_uniform_(self, a=0.0, b=1.0, generator=None):
+        assert (a, b) == (0.0, 1.0)
+        return self.fill_(u if self.dtype == dtype and self.numel() == 4 else w)
 
     monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
-    for _ in range(2):
-        assert torch.isfinite(_neg_gumbel_(torch.empty(3, dtype=dtype), None)).all()
+    g = fill_gumbel_(torch.empty(4, dtype=dtype), 0)
+    monkeypatch.setattr(torch.Tensor, "uniform_", real)
+    assert torch.isfinite(g).all()
+    assert -3.7 < g.min() and g.max() < 42.3
 
 
-def test_half_is_rounded_from_float32():
+def test_the_tail_reaches_far_beyond_24_bits(monkeypatch):
+    # u = 0 is refined by w: g = -log(-log1p(-2**-8 w)); w = 2**8 e^-30 gives g = 30 in float32,
+    # far past the 16.6 that a 24-bit uniform allows; the smallest w gives 61 log 2 = 42.28.
+    for w, want in ((2**8 * math.exp(-30.0), 30.0), (0.0, 61 * math.log(2))):
+        def fake_uniform_(self, a=0.0, b=1.0, generator=None, w=w):
+            return self.fill_(0.0 if self.dtype == torch.float32 else w)
+
+        monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
+        g = fill_gumbel_(torch.empty(4, dtype=torch.float32), 0)
+        monkeypatch.undo()
+        assert torch.allclose(g, torch.full_like(g, want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_upper_tail_has_the_exact_law(dtype):
+    # Conditional on g > 5.5 (the refined region), g - 5.5 has the law of the Gumbel tail;
+    # KS against the exact conditional CDF, and the tail counts at 10 and 12 nats.
+    g = gk.gumbel_noise((8_000_000,), generator=gen(9), dtype=dtype).double()
+    t = 5.5
+    tail = g[g > t].numpy()
+    sf = lambda x: -np.expm1(-np.exp(-x))  # noqa: E731  P(g > x)
+    assert stats.kstest(tail, lambda x: 1 - sf(x) / sf(t)).pvalue > 1e-3
+    for x in (10.0, 12.0):
+        n, p = g.numel(), float(sf(x))
+        count = int((g > x).sum())
+        assert stats.poisson.cdf(count, n * p) > 1e-4 and stats.poisson.sf(count - 1, n * p) > 1e-4, (x, count, n * p)
+
+
+def test_half_is_rounded_from_float32_noise():
     a = gk.gumbel_noise((1000,), generator=gen(5), dtype=torch.float32)
     b = gk.gumbel_noise((1000,), generator=gen(5), dtype=torch.float16)
     assert torch.equal(a.half(), b)
@@ -88,11 +121,20 @@ def test_default_generator_follows_manual_seed():
         ({"dtype": torch.int64}, TypeError, "dtype"),
         ({"generator": 3}, TypeError, "generator"),
         ({"device": "meta", "generator": torch.Generator()}, ValueError, "generator"),
+        ({"loc": 3.0e38, "scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
+        ({"scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
+        ({"loc": -6.55e4, "dtype": torch.float16}, ValueError, "overflow"),
+        ({"loc": torch.tensor([0.0, 3.0e38]), "scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         gk.gumbel_noise((3,), **kwargs)
+
+
+def test_extreme_loc_and_scale_that_fit_stay_finite():
+    g = gk.gumbel_noise((100_000,), loc=-3e38, scale=1e35, generator=gen(8), dtype=torch.float32)
+    assert torch.isfinite(g).all()
 
 
 def test_bad_shape_and_like():
@@ -105,8 +147,6 @@ def test_bad_shape_and_like():
 
 
 def test_parallel_chunked_draw_is_gumbel_and_thread_count_invariant():
-    from gumbelkit.noise import PARALLEL_CHUNK
-
     n = 3 * PARALLEL_CHUNK + 12345  # several chunks and a ragged last one
     threads = torch.get_num_threads()
     try:

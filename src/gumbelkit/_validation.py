@@ -18,6 +18,7 @@ __all__ = [
     "check_mask",
     "check_rows",
     "check_tau",
+    "check_tau_values",
     "compute_dtype",
     "normalize_dim",
 ]
@@ -95,18 +96,22 @@ def check_tau(tau: object, logits: torch.Tensor, dim: int) -> float | torch.Tens
                 f"tau of shape {tuple(tau.shape)} varies along the category dimension dim={dim}; "
                 "use one temperature per distribution (size 1 along dim, e.g. tau.unsqueeze(dim))"
             )
-        with torch.no_grad():
-            bad = ~(torch.isfinite(tau) & (tau > 0))
-            if bool(bad.any()):
-                raise ValueError(f"tau must be finite and > 0 everywhere, got {tau[bad].flatten()[:4].tolist()}"
-                                 f"{hint}")
-        return tau
+        return tau  # its values are checked where the data is read: check_tau_values, inside the operators
     if isinstance(tau, bool) or not isinstance(tau, Real):
         raise TypeError(f"tau must be a float or a tensor, got {type(tau).__name__}")
     tau = float(tau)
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be finite and > 0, got {tau}{hint}")
     return tau
+
+
+def check_tau_values(tau: torch.Tensor) -> None:
+    """Raise unless every value of a tensor temperature is finite and > 0 (reads the data)."""
+    with torch.no_grad():
+        bad = ~(torch.isfinite(tau) & (tau > 0))
+        if bool(bad.any()):
+            raise ValueError(f"tau must be finite and > 0 everywhere, got {tau[bad].flatten()[:4].tolist()}"
+                             "; for the tau -> 0 limit use gumbel_max (or hard=True)")
 
 
 def check_mask(mask: object, logits: torch.Tensor) -> torch.Tensor | None:

@@ -11,17 +11,9 @@ import warnings
 
 import torch
 
-from ._kernels.dispatch import triton_kernels
-from ._kernels.gumbel_softmax import GumbelSoftmaxFunction, scale_scores_, subtract_noise
-from ._validation import (
-    check_generator,
-    check_logits,
-    check_mask,
-    check_rows,
-    check_tau,
-    normalize_dim,
-)
-from .noise import neg_gumbel_like
+from ._kernels.gumbel_softmax import GumbelSoftmaxFunction
+from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_op, gumbel_softmax_op, gumbel_topk_op
+from ._validation import check_generator, check_logits, check_mask, check_tau, normalize_dim
 
 __all__ = ["gumbel_max", "gumbel_softmax", "gumbel_topk", "log_gumbel_softmax"]
 
@@ -41,11 +33,11 @@ def gumbel_softmax(
     logits: torch.Tensor,
     tau: float | torch.Tensor = 1.0,
     hard: bool = False,
+    eps: float = 1e-10,
     dim: int = -1,
     *,
     generator: torch.Generator | None = None,
     mask: torch.Tensor | None = None,
-    eps: float | None = None,
 ) -> torch.Tensor:
     r"""Sample from the Gumbel-Softmax (Concrete) distribution, optionally straight-through hard.
 
@@ -61,8 +53,8 @@ def gumbel_softmax(
     closed form :math:`\frac1\tau\, y \odot (G - \langle G, y\rangle)` for an upstream gradient
     :math:`G`; only ``y`` is saved.
 
-    A drop-in replacement for :func:`torch.nn.functional.gumbel_softmax` (``eps`` is accepted
-    and ignored, as there; note it is keyword-only here).
+    A drop-in replacement for :func:`torch.nn.functional.gumbel_softmax`, with its positional
+    order ``(logits, tau, hard, eps, dim)``; ``eps`` is accepted and ignored, as there.
 
     Args:
         logits: unnormalized log-probabilities, any floating dtype; ``-inf`` = impossible.
@@ -73,7 +65,7 @@ def gumbel_softmax(
         generator: the random source (same state, bit-identical result).
         mask: bool tensor broadcastable to ``logits``, True = allowed. Masked categories get
             probability exactly 0 and are never chosen.
-        eps: ignored (deprecated in torch as well).
+        eps: ignored (deprecated in torch as well; the noise is never infinite here).
 
     Returns:
         A tensor like ``logits``: the relaxed sample on the simplex, or a one-hot if ``hard``.
@@ -87,21 +79,20 @@ def gumbel_softmax(
         >>> logits.grad.shape
         torch.Size([1, 3])
     """
-    if eps is not None and eps != 1e-10:
-        warnings.warn("gumbel_softmax: `eps` has no effect (the noise is never infinite)",
-                      stacklevel=2)
+    if eps != 1e-10:
+        warnings.warn("gumbel_softmax: `eps` has no effect (the noise is never infinite)", stacklevel=2)
     logits, dim, mask = _prepare(logits, dim, generator, mask)
-    tau = check_tau(tau, logits, dim)
+    tau_t, tau_f = _split_tau(check_tau(tau, logits, dim))
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    kernels = triton_kernels(logits)
-    if kernels is not None and mask is None and not isinstance(tau, torch.Tensor):
-        seed = kernels.draw_seed(logits.device, generator)
-        out = kernels.TritonGumbelSoftmaxFunction.apply(logits, tau, seed, hard, dim)
-    else:
-        draw = lambda: neg_gumbel_like(logits, generator)  # noqa: E731
-        out = GumbelSoftmaxFunction.apply(logits, tau, draw, mask, hard, dim)
+    seed = draw_seed(generator, logits.device)
+    out = GumbelSoftmaxFunction.apply(logits, tau_t, tau_f, seed, mask, dim, HARD if hard else SOFT, None)
     return out[0] if hard else out
+
+
+def _split_tau(tau: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """``(tensor tau or None, float tau)``: the operator takes a float or a tensor temperature."""
+    return (tau, 1.0) if isinstance(tau, torch.Tensor) else (None, tau)
 
 
 def log_gumbel_softmax(
@@ -130,18 +121,9 @@ def log_gumbel_softmax(
         (True, True)
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
-    tau = check_tau(tau, logits, dim)
-    x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
-    row_max = x.detach().amax(dim, keepdim=True)
-    check_rows(row_max, logits, mask, dim)
-    x = scale_scores_(x, row_max, tau)
-    out = torch.log_softmax(x, dim) if x.requires_grad else torch._log_softmax(x, dim, False, out=x)
-    if out.dtype != logits.dtype:
-        # A half-precision log-probability below the lowest finite value saturates there
-        # instead of becoming -inf; only impossible categories are -inf.
-        lowest = torch.finfo(logits.dtype).min
-        out = torch.where(torch.isinf(out), out, out.clamp(min=lowest))
-    return out.to(logits.dtype)
+    tau_t, tau_f = _split_tau(check_tau(tau, logits, dim))
+    seed = draw_seed(generator, logits.device)
+    return GumbelSoftmaxFunction.apply(logits, tau_t, tau_f, seed, mask, dim, LOG, None)
 
 
 def gumbel_max(
@@ -170,14 +152,7 @@ def gumbel_max(
         [0.1, 0.2, 0.7]
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
-    kernels = triton_kernels(logits)
-    with torch.no_grad():
-        if kernels is not None and mask is None:
-            indices = kernels.triton_gumbel_max(logits, dim, kernels.draw_seed(logits.device, generator))
-            return indices.unsqueeze(dim) if keepdim else indices
-        x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
-        values, indices = x.max(dim, keepdim=True)
-        check_rows(values, logits, mask, dim)
+    indices = gumbel_max_op(logits.detach(), draw_seed(generator, logits.device), mask, dim)
     return indices if keepdim else indices.squeeze(dim)
 
 
@@ -213,13 +188,5 @@ def gumbel_topk(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of categories {n} along dim={dim}")
-    with torch.no_grad():
-        x = subtract_noise(logits, neg_gumbel_like(logits, generator), mask)
-        values, indices = x.topk(k, dim)
-        check_rows(values.narrow(dim, 0, 1), logits, mask, dim)
-        kth = values.narrow(dim, k - 1, 1)
-        if not bool(torch.isfinite(kth).all()):
-            short = int((~torch.isfinite(kth)).sum())
-            raise ValueError(f"k={k} is larger than the number of allowed (unmasked, > -inf) "
-                             f"categories in {short} row(s); lower k or allow more categories")
-    return torch.return_types.topk((values.to(logits.dtype), indices))
+    values, indices = gumbel_topk_op(logits.detach(), draw_seed(generator, logits.device), mask, k, dim)
+    return torch.return_types.topk((values, indices))

@@ -1,89 +1,37 @@
-"""Gumbel noise: the one place where gumbelkit turns uniform draws into Gumbel draws.
+"""Gumbel noise: the one place where gumbelkit turns random bits into Gumbel draws.
 
-The noise contract: every sampler in gumbelkit that draws Gumbel noise on the CPU draws
-exactly ``gumbel_noise_like(logits, generator=generator)``. Seed a generator, call the
-sampler, seed it again and call ``gumbel_noise_like``: you get the noise the sampler used.
+The noise contract: every gumbelkit sampler draws its noise from one 64-bit seed taken from
+``generator`` (or torch's default generator), exactly as
+``gumbel_noise_like(logits, generator=generator)`` does. Seed a generator, call the sampler,
+seed it again and call ``gumbel_noise_like``: you get the noise the sampler used (for
+float16/bfloat16 logits the samplers use the float32 noise, i.e. ``gumbel_noise_like(logits.float())``,
+before rounding). The same state gives bit-identical results in eager, compiled, exported and
+checkpointed runs (see :func:`gumbelkit.rng_context` for checkpointing with a ``generator``).
 
-Speed: torch draws CPU uniforms serially (one Mersenne Twister), which would make the noise
-the bottleneck of every sampler. Tensors of at least ``PARALLEL_CHUNK`` elements are
-therefore filled in chunks of ``PARALLEL_CHUNK`` elements, chunk ``i`` from its own
-generator seeded with the ``i``-th of a batch of 64-bit seeds drawn from ``generator``, on
-up to ``torch.get_num_threads()`` threads. The draw is a pure function of the generator
-state and the shape: it never depends on the thread count or scheduling.
+How a seed becomes noise, with an exact tail (a float32 Gumbel draw reaches 42 nats, not 16.6),
+is described in :mod:`gumbelkit._kernels.cpu_noise`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from numbers import Real
 
 import torch
 
+from ._kernels.ops import draw_seed, gumbel_noise_op
 from ._validation import check_generator, compute_dtype
 
 __all__ = ["gumbel_noise", "gumbel_noise_like"]
 
-
-PARALLEL_CHUNK = 1 << 20
-
-
-@lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gumbelkit-noise")
-
-
-def _uniform_(buf: torch.Tensor, low: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``buf.uniform_(low, 1)``; large contiguous CPU buffers are filled in seeded chunks in parallel."""
-    n = buf.numel()
-    if buf.device.type != "cpu" or n < PARALLEL_CHUNK:
-        return buf.uniform_(low, 1.0, generator=generator)
-    flat = buf.view(-1)
-    starts = range(0, n, PARALLEL_CHUNK)
-    seeds = torch.randint(-(2**63), 2**63 - 1, (len(starts),), dtype=torch.int64, generator=generator).tolist()
-
-    def fill(job: tuple[int, int]) -> None:
-        start, seed = job
-        chunk_gen = torch.Generator().manual_seed(seed & (2**64 - 1))
-        flat[start:start + PARALLEL_CHUNK].uniform_(low, 1.0, generator=chunk_gen)
-
-    workers = min(torch.get_num_threads(), len(starts))
-    jobs = list(zip(starts, seeds, strict=True))
-    if workers <= 1:
-        for job in jobs:
-            fill(job)
-    else:
-        list(_pool(workers).map(fill, jobs))
-    return buf
-
-
-def _neg_gumbel_(buf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Fill ``buf`` with ``log(-log U)``, i.e. *minus* a standard Gumbel draw, in place.
-
-    Samplers subtract this from the logits (``logits - L`` equals ``logits + g`` bit for bit),
-    which saves the final negation pass.
-    """
-    # U is drawn on [tiny, 1): both logs stay finite, so g lies in about [-4.5, 16.6] in
-    # float32 and [-6.6, 36.7] in float64 and is never +-inf or NaN.
-    return _uniform_(buf, torch.finfo(buf.dtype).tiny, generator).log_().neg_().log_()
-
-
-def _neg_gumbel(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """``-g`` in the compute dtype of ``dtype`` in a fresh buffer; half precision is rounded through ``dtype``."""
-    cdtype = compute_dtype(dtype)
-    buf = _neg_gumbel_(torch.empty(shape, dtype=cdtype, device=device), generator)
-    if cdtype != dtype:
-        # the noise contract rounds half-precision noise; rounding commutes with negation
-        buf = buf.to(dtype).to(cdtype)
-    return buf
+# |g| <= G_BOUND for every draw: g = -log E with E in [2**-61, 40] (see _kernels.cpu_noise)
+G_BOUND = 43.0
 
 
 def neg_gumbel_like(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """``-gumbel_noise_like(t)`` in the compute dtype of ``t``, in a fresh buffer the caller owns."""
-    return _neg_gumbel(t.shape, t.dtype, t.device, generator)
+    return gumbel_noise_op(t.detach(), draw_seed(generator, t.device)).neg_()
 
 
 def _check_param(value: object, name: str, positive: bool) -> None:
@@ -98,6 +46,20 @@ def _check_param(value: object, name: str, positive: bool) -> None:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+
+
+def _check_range(loc: float | torch.Tensor, scale: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise when ``loc + scale * g`` could overflow ``dtype`` for some draw (|g| <= G_BOUND)."""
+    top = torch.finfo(dtype).max
+    if isinstance(loc, torch.Tensor) or isinstance(scale, torch.Tensor):
+        with torch.no_grad():
+            reach = torch.as_tensor(loc, dtype=torch.float64).abs() + torch.as_tensor(scale, dtype=torch.float64) * G_BOUND
+            ok = bool((reach <= top).all())
+    else:
+        ok = abs(loc) + scale * G_BOUND <= top
+    if not ok:
+        raise ValueError(f"loc and scale are too large for {dtype}: loc + scale * g (|g| <= {G_BOUND:g}) "
+                         f"would overflow its largest value {top:g}; use a wider dtype or smaller loc/scale")
 
 
 def gumbel_noise(
@@ -116,7 +78,12 @@ def gumbel_noise(
 
     whose density is :math:`\frac1b e^{-(x-\mu)/b - e^{-(x-\mu)/b}}` with :math:`\mu` = loc
     and :math:`b` = scale (Gumbel 1954). U is drawn on the open interval, so a draw is never
-    infinite or NaN; half and bfloat16 results are computed in float32 and rounded.
+    infinite or NaN; half and bfloat16 results are computed in float32 and rounded. A float32
+    draw reaches 42 nats (the exact tail; see :mod:`gumbelkit._kernels.cpu_noise`).
+
+    Raises:
+        ValueError: a bad shape, non-finite ``loc``/``scale``, ``scale <= 0``, or ``loc``/``scale``
+            so large that a draw could overflow ``dtype``.
 
     Args:
         shape: the output shape.
@@ -148,7 +115,9 @@ def gumbel_noise(
     check_generator(generator, device)
     _check_param(loc, "loc", positive=False)
     _check_param(scale, "scale", positive=True)
-    g = _neg_gumbel(shape, compute_dtype(dtype), device, generator).neg_()
+    _check_range(loc, scale, dtype)
+    like = torch.empty((), dtype=compute_dtype(dtype), device=device).expand(shape)
+    g = gumbel_noise_op(like, draw_seed(generator, device))
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         g = g * scale
     if isinstance(loc, torch.Tensor) or loc != 0.0:
@@ -163,8 +132,9 @@ def gumbel_noise_like(t: torch.Tensor, *, generator: torch.Generator | None = No
     r"""Standard Gumbel(0, 1) noise with the shape, dtype and device of ``t``.
 
     :math:`g = -\log(-\log U)` with :math:`U \sim \mathcal U(0, 1)` open, computed in at least
-    float32. This is exactly the noise every gumbelkit sampler adds to ``t`` when given the
-    same generator state (the noise contract).
+    float32 with an exact tail. This is exactly the noise every gumbelkit sampler adds to ``t``
+    when given the same generator state (the noise contract; float16/bfloat16 samplers add the
+    float32 noise before rounding, ``gumbel_noise_like(t.float())``).
 
     Example:
         >>> logits = torch.zeros(2, 3)
@@ -176,4 +146,4 @@ def gumbel_noise_like(t: torch.Tensor, *, generator: torch.Generator | None = No
     if t.is_complex() or not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
     check_generator(generator, t.device)
-    return neg_gumbel_like(t, generator).neg_().to(t.dtype)
+    return gumbel_noise_op(t.detach(), draw_seed(generator, t.device)).to(t.dtype)

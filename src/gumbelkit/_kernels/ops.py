@@ -1,0 +1,218 @@
+r"""gumbelkit's samplers as registered PyTorch operators (``torch.ops.gumbelkit.*``).
+
+Why operators: an operator is one opaque, typed call to the dispatcher, so ``torch.compile``
+(also ``fullgraph=True`` and ``dynamic=True``), ``torch.export``, FakeTensor/meta tracing,
+``torch.jit.trace`` and ``torch.func.vmap`` all see it, while its real implementation stays
+the fast eager path, data-dependent checks included: a NaN in the logits raises the same
+``ValueError`` from a compiled or exported program as in eager mode.
+
+Every sampler follows one template:
+
+1. ``@custom_op("gumbelkit::NAME", mutates_args=())`` with a ``seed`` argument: a 0-d int64
+   tensor drawn by the Python wrapper from the user's generator (:func:`draw_seed`), so the
+   draw is a pure function of the generator state, the same in eager, compiled and exported
+   runs, and replayable under checkpointing;
+2. ``NAME.register_fake``: output shapes and dtypes only;
+3. ``torch.library.register_vmap(NAME, _vmap_rule)``: the shared rule below, which honours
+   ``vmap``'s ``randomness``: the seed is itself drawn inside ``vmap``, so under
+   ``randomness="different"`` it arrives batched (one seed per sample) and under ``"same"``
+   unbatched (every sample draws the same noise); ``"error"`` raises in ``torch.randint``,
+   as for torch's own random functions;
+4. autograd, where the sampler is differentiable, by a new-style ``autograd.Function``
+   around the operator (:mod:`gumbelkit._kernels.gumbel_softmax`).
+
+The operators are not differentiable themselves; ``opcheck`` runs on each of them in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._validation import check_rows, check_tau_values, compute_dtype
+from .cpu_noise import fill_gumbel_
+from .dispatch import triton_kernels
+
+__all__ = ["draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
+
+_NEG_INF = float("-inf")
+SOFT, HARD, LOG = 0, 1, 2  # gumbel_softmax_op modes
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """A 0-d int64 seed drawn from ``generator`` (or torch's default generator) on ``device``."""
+    if generator is not None:
+        device = generator.device
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device)
+
+
+def _noise(seed: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``."""
+    if device.type == "cpu":
+        return fill_gumbel_(torch.empty(shape, dtype=dtype), int(seed))
+    kernels = triton_kernels(seed)
+    if kernels is not None and dtype == torch.float32:
+        return kernels.triton_gumbel_noise(tuple(shape), seed.reshape(1))
+    # other devices: the same transform, on the CPU, moved over
+    return fill_gumbel_(torch.empty(shape, dtype=dtype), int(seed)).to(device)
+
+
+# -- the shared vmap rule --------------------------------------------------------------------
+
+def _vmap_rule(op):
+    """A vmap rule for a random operator ``op(x, seed, *rest)``: one call per sample.
+
+    A batched ``seed`` (``randomness="different"``) gives each sample its own seed; an
+    unbatched one (``"same"``) the same seed, hence the same noise, for every sample.
+    """
+
+    def rule(info, in_dims, x, seed, *rest):
+        x_dim, seed_dim = in_dims[0], in_dims[1]
+        for d, a in zip(in_dims[2:], rest, strict=True):
+            if d is not None:
+                raise ValueError(f"gumbelkit: vmap over the argument {a!r} of {op} is not supported; "
+                                 "vmap over the logits instead")
+        outs = []
+        for i in range(info.batch_size):
+            xi = x.select(x_dim, i) if x_dim is not None else x
+            si = seed.select(seed_dim, i) if seed_dim is not None else seed
+            outs.append(op(xi, si, *rest))
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
+
+
+# -- noise -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("gumbelkit::gumbel_noise", mutates_args=())
+def gumbel_noise_op(like: Tensor, seed: Tensor) -> Tensor:
+    """Standard Gumbel noise with the shape and device of ``like``, in its compute dtype."""
+    return _noise(seed, like.shape, compute_dtype(like.dtype), like.device)
+
+
+@gumbel_noise_op.register_fake
+def _(like: Tensor, seed: Tensor) -> Tensor:
+    return like.new_empty(like.shape, dtype=compute_dtype(like.dtype))
+
+
+torch.library.register_vmap(gumbel_noise_op, _vmap_rule(gumbel_noise_op))
+
+
+# -- shared pieces of the sampler implementations ----------------------------------------------
+
+def _allowed(logits: Tensor, mask: Tensor | None) -> Tensor:
+    return logits if mask is None else logits.masked_fill(~mask, _NEG_INF)
+
+
+def _perturbed(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, Tensor]:
+    """``(logits - m) + g`` in the compute dtype (a fresh buffer) and the checked row maximum ``m``.
+
+    Subtracting the row maximum of the allowed logits *before* adding the noise keeps the
+    noise's resolution at any scale (``logits + g`` at logits of 1e7 would round ``g`` to
+    integers in float32); argmax and softmax are shift invariant. The maximum also validates
+    every row: a NaN, a +inf or a row with no allowed category raises ``ValueError``.
+    """
+    cdtype = compute_dtype(logits.dtype)
+    allowed = _allowed(logits, mask)
+    m = allowed.amax(dim, keepdim=True)
+    check_rows(m, logits, mask, dim)
+    x = _noise(seed, logits.shape, cdtype, logits.device)
+    return x.add_(allowed.to(cdtype) - m.to(cdtype)), m
+
+
+# -- gumbel_softmax / log_gumbel_softmax / the hard one-hot -----------------------------------
+
+@torch.library.custom_op("gumbelkit::gumbel_softmax", mutates_args=())
+def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: Tensor | None, tau: float,
+                      dim: int, mode: int) -> tuple[Tensor, Tensor]:
+    """``(y, index)``: ``y`` = softmax((logits + g) / tau) (``mode`` SOFT/HARD) or its log (LOG), and
+    the argmax of ``logits + g`` along ``dim`` (kept with size 1), the exact Gumbel-Max draw."""
+    if tau_t is not None:
+        check_tau_values(tau_t)
+    kernels = triton_kernels(logits)
+    if kernels is not None and mask is None and tau_t is None and mode != LOG:
+        return kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
+    x, _ = _perturbed(logits, seed, mask, dim)
+    return softmax_of_perturbed_(x, logits.dtype, tau_t, tau, dim, mode)
+
+
+def softmax_of_perturbed_(x: Tensor, dtype: torch.dtype, tau_t: Tensor | None, tau: float, dim: int,
+                          mode: int) -> tuple[Tensor, Tensor]:
+    """``(softmax(x / tau) or its log, argmax x)`` of perturbed scores ``x``, computed over ``x`` in place."""
+    top, index = x.max(dim, keepdim=True)
+    tau_x: float | Tensor = tau if tau_t is None else tau_t.to(x.dtype)
+    if not bool(torch.isfinite(top / tau_x).all()):
+        x = x.sub_(top)  # x / tau would overflow: shift by the perturbed maximum too
+    if tau_t is not None or tau != 1.0:
+        x = x.div_(tau_x)
+    if mode == LOG:
+        out = torch._log_softmax(x, dim, False, out=x)
+        if out.dtype != dtype:
+            # a half-precision log-probability below the lowest finite value saturates there;
+            # only impossible categories are -inf
+            lowest = torch.finfo(dtype).min
+            out = torch.where(torch.isinf(out), out, out.clamp(min=lowest))
+    else:
+        out = torch._softmax(x, dim, False, out=x)
+    return out.to(dtype), index
+
+
+@gumbel_softmax_op.register_fake
+def _(logits, seed, mask, tau_t, tau, dim, mode):
+    shape = list(logits.shape)
+    shape[dim] = 1
+    return torch.empty_like(logits), logits.new_empty(shape, dtype=torch.int64)
+
+
+torch.library.register_vmap(gumbel_softmax_op, _vmap_rule(gumbel_softmax_op))
+
+
+# -- gumbel_max --------------------------------------------------------------------------------
+
+@torch.library.custom_op("gumbelkit::gumbel_max", mutates_args=())
+def gumbel_max_op(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    """``argmax(logits + g)`` along ``dim`` (kept with size 1), int64."""
+    kernels = triton_kernels(logits)
+    if kernels is not None and mask is None:
+        return kernels.triton_gumbel_max(logits, dim, seed.reshape(1)).unsqueeze(dim)
+    x, _ = _perturbed(logits, seed, mask, dim)
+    return x.argmax(dim, keepdim=True)
+
+
+@gumbel_max_op.register_fake
+def _(logits, seed, mask, dim):
+    shape = list(logits.shape)
+    shape[dim] = 1
+    return logits.new_empty(shape, dtype=torch.int64)
+
+
+torch.library.register_vmap(gumbel_max_op, _vmap_rule(gumbel_max_op))
+
+
+# -- gumbel_topk -------------------------------------------------------------------------------
+
+@torch.library.custom_op("gumbelkit::gumbel_topk", mutates_args=())
+def gumbel_topk_op(logits: Tensor, seed: Tensor, mask: Tensor | None, k: int, dim: int) -> tuple[Tensor, Tensor]:
+    """The top ``k`` of ``logits + g`` along ``dim``: ``(values, indices)`` in sampling order."""
+    x, m = _perturbed(logits, seed, mask, dim)
+    values, indices = x.topk(k, dim)
+    kth = values.narrow(dim, k - 1, 1)
+    if not bool(torch.isfinite(kth).all()):
+        short = int((~torch.isfinite(kth)).sum())
+        raise ValueError(f"k={k} is larger than the number of allowed (unmasked, > -inf) "
+                         f"categories in {short} row(s); lower k or allow more categories")
+    return values.add_(m.to(values.dtype)).to(logits.dtype), indices
+
+
+@gumbel_topk_op.register_fake
+def _(logits, seed, mask, k, dim):
+    shape = list(logits.shape)
+    shape[dim] = k
+    return logits.new_empty(shape), logits.new_empty(shape, dtype=torch.int64)
+
+
+torch.library.register_vmap(gumbel_topk_op, _vmap_rule(gumbel_topk_op))
