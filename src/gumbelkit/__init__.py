@@ -11,7 +11,7 @@ Example:
 from . import distributions, estimators, nn, schedules, structured
 from .functional import gumbel_max, gumbel_softmax, gumbel_topk, log_gumbel_softmax
 from .nn import CategoricalVAE, GumbelSoftmax, GumbelVectorQuantizer
-from .noise import gumbel_noise, gumbel_noise_like
+from .noise import gumbel_noise, gumbel_noise_like, rng_context
 from .sampling import SampleOutput, sample
 from .schedules import (
     ConstantSchedule,
@@ -47,6 +47,7 @@ __all__ = [
     "matching",
     "nn",
     "relaxed_topk",
+    "rng_context",
     "sample",
     "schedules",
     "structured",

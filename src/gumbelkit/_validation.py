@@ -43,13 +43,7 @@ def check_logits(logits: object, name: str = "logits") -> torch.Tensor:
 
 def normalize_dim(dim: object, ndim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
-        hint = ""
-        if isinstance(dim, float):
-            hint = (
-                " (torch.nn.functional.gumbel_softmax takes eps as its 4th positional argument;"
-                " here eps is keyword-only and ignored, so pass dim=...)"
-            )
-        raise TypeError(f"dim must be an int, got {dim!r}{hint}")
+        raise TypeError(f"dim must be an int, got {dim!r}")
     if not -ndim <= dim < ndim:
         raise DimError(f"dim={dim} is out of range for a tensor with {ndim} dimension(s); "
                        f"use a value in [{-ndim}, {ndim - 1}]")

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ._kernels.gumbel_softmax import GumbelSoftmaxFunction
+from ._kernels.gumbel_softmax import gumbel_softmax_function
 from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_op, gumbel_softmax_op, gumbel_topk_op
 from ._validation import check_generator, check_logits, check_mask, check_tau, normalize_dim
 
@@ -79,6 +79,9 @@ def gumbel_softmax(
         >>> logits.grad.shape
         torch.Size([1, 3])
     """
+    if isinstance(eps, int):  # an int here is a dim passed in eps's place, not an epsilon
+        raise TypeError(f"eps must be a float, got the int {eps!r}; the 4th positional argument is eps, as in "
+                        "torch.nn.functional.gumbel_softmax: pass the category dimension as dim=...")
     if eps != 1e-10:
         warnings.warn("gumbel_softmax: `eps` has no effect (the noise is never infinite)", stacklevel=2)
     logits, dim, mask = _prepare(logits, dim, generator, mask)
@@ -86,7 +89,7 @@ def gumbel_softmax(
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     seed = draw_seed(generator, logits.device)
-    out = GumbelSoftmaxFunction.apply(logits, tau_t, tau_f, seed, mask, dim, HARD if hard else SOFT, None)
+    out = gumbel_softmax_function().apply(logits, tau_t, tau_f, seed, mask, dim, HARD if hard else SOFT, None)
     return out[0] if hard else out
 
 
@@ -123,7 +126,7 @@ def log_gumbel_softmax(
     logits, dim, mask = _prepare(logits, dim, generator, mask)
     tau_t, tau_f = _split_tau(check_tau(tau, logits, dim))
     seed = draw_seed(generator, logits.device)
-    return GumbelSoftmaxFunction.apply(logits, tau_t, tau_f, seed, mask, dim, LOG, None)
+    return gumbel_softmax_function().apply(logits, tau_t, tau_f, seed, mask, dim, LOG, None)
 
 
 def gumbel_max(

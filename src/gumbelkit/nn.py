@@ -113,7 +113,7 @@ class GumbelSoftmax(nn.Module):
         if self.training or self.eval_mode == "sample":
             if self.log:
                 return log_gumbel_softmax(logits, tau, self.dim, generator=generator, mask=mask)
-            return gumbel_softmax(logits, tau, self.hard, self.dim, generator=generator, mask=mask)
+            return gumbel_softmax(logits, tau, self.hard, dim=self.dim, generator=generator, mask=mask)
         logits = check_logits(logits)
         dim = normalize_dim(self.dim, logits.dim())
         check_generator(generator, logits.device)

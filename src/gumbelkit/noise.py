@@ -15,7 +15,8 @@ is described in :mod:`gumbelkit._kernels.cpu_noise`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from numbers import Real
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from ._kernels.ops import draw_seed, gumbel_noise_op
 from ._validation import check_generator, compute_dtype
 
-__all__ = ["gumbel_noise", "gumbel_noise_like"]
+__all__ = ["gumbel_noise", "gumbel_noise_like", "rng_context"]
 
 # |g| <= G_BOUND for every draw: g = -log E with E in [2**-61, 40] (see _kernels.cpu_noise)
 G_BOUND = 43.0
@@ -147,3 +148,62 @@ def gumbel_noise_like(t: torch.Tensor, *, generator: torch.Generator | None = No
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
     check_generator(generator, t.device)
     return gumbel_noise_op(t.detach(), draw_seed(generator, t.device)).to(t.dtype)
+
+
+def rng_context(*generators: torch.Generator) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    r"""A ``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` that replays ``generator=`` draws.
+
+    ``checkpoint`` re-runs the forward pass during backward; with ``preserve_rng_state`` it
+    restores torch's *default* generators, but not the ``torch.Generator`` objects you pass
+    to gumbelkit's samplers, so the recomputation would draw new noise and the gradients
+    would silently belong to another sample. With ``context_fn=rng_context(gen, ...)`` the
+    recomputation starts from the states these generators had when the forward pass began,
+    and afterwards they are put back where they were, so the draws after the checkpointed
+    region are unaffected. Calls without ``generator=`` need nothing: they draw their seed
+    from the default generator, which ``checkpoint`` already restores.
+
+    Args:
+        generators: the ``torch.Generator`` objects the checkpointed function draws from.
+
+    Returns:
+        A callable returning ``(forward_context, recompute_context)``, as ``context_fn`` expects
+        (use it with ``use_reentrant=False``).
+
+    Raises:
+        TypeError: an argument is not a ``torch.Generator``.
+
+    Example:
+        >>> import gumbelkit as gk
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(4, 6, requires_grad=True)
+        >>> f = lambda t: gk.gumbel_softmax(t, 0.5, generator=gen) ** 2
+        >>> y = checkpoint(f, x, use_reentrant=False, context_fn=gk.rng_context(gen))
+        >>> y.sum().backward()  # the gradient of the sample that y holds
+    """
+    for g in generators:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"rng_context takes torch.Generator objects, got {type(g).__name__}")
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        saved: list[torch.Tensor] = []
+
+        @contextmanager
+        def forward() -> Iterator[None]:
+            saved[:] = [g.get_state() for g in generators]
+            yield
+
+        @contextmanager
+        def recompute() -> Iterator[None]:
+            now = [g.get_state() for g in generators]
+            for g, state in zip(generators, saved, strict=True):
+                g.set_state(state)
+            try:
+                yield
+            finally:
+                for g, state in zip(generators, now, strict=True):
+                    g.set_state(state)
+
+        return forward(), recompute()
+
+    return context_fn

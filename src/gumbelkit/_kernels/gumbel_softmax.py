@@ -24,7 +24,7 @@ from torch import Tensor
 from .._validation import compute_dtype
 from .ops import HARD, LOG, gumbel_softmax_op, softmax_of_perturbed_
 
-__all__ = ["GumbelSoftmaxFunction", "gumbel_softmax_from_noise", "perturb"]
+__all__ = ["GumbelSoftmaxFunction", "gumbel_softmax_from_noise", "gumbel_softmax_function", "perturb"]
 
 _NEG_INF = float("-inf")
 
@@ -76,10 +76,6 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)
 
     @staticmethod
-    def _tau(ctx, tau_t: Tensor | None, dtype: torch.dtype) -> float | Tensor:
-        return ctx.tau if tau_t is None else tau_t.to(dtype)
-
-    @staticmethod
     def backward(ctx, *grads: Tensor | None):
         y, tau_t = ctx.saved_tensors
         present = [g for g in grads if g is not None]  # hard: the one-hot's gradient goes to y
@@ -95,7 +91,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
             w = torch.where(torch.isinf(yc), torch.zeros_like(w), w)
         else:
             w = yc * (grad - (grad * yc).sum(dim, keepdim=True))
-        tau = GumbelSoftmaxFunction._tau(ctx, tau_t, cdtype)
+        tau = ctx.tau if tau_t is None else tau_t.to(cdtype)
         grad_logits = grad_tau = None
         if ctx.needs_input_grad[0]:
             grad_logits = (w / tau).to(y.dtype)
@@ -103,6 +99,12 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
             g = -_times_log_y(w, _log_y(yc, ctx.mode)).sum(dim, keepdim=True) / tau
             grad_tau = g.sum_to_size(tau_t.shape).to(tau_t.dtype)
         return grad_logits, grad_tau, None, None, None, None, None, None
+
+
+
+class _GumbelSoftmaxForwardAD(GumbelSoftmaxFunction):
+    """:class:`GumbelSoftmaxFunction` with forward-mode AD (used only while forward AD is active:
+    dynamo cannot trace a custom ``jvp`` under ``fullgraph=True``)."""
 
     @staticmethod
     def jvp(ctx, dlogits: Tensor | None, dtau: Tensor | None, *_):
@@ -113,7 +115,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         dz = torch.zeros_like(yc) if dlogits is None else dlogits.to(cdtype)
         if dtau is not None:
             dz = dz - _times_log_y(dtau.to(cdtype).expand_as(yc), log_y)
-        dz = dz / GumbelSoftmaxFunction._tau(ctx, tau_t, cdtype)
+        dz = dz / (ctx.tau if tau_t is None else tau_t.to(cdtype))
         p = torch.exp(yc) if ctx.mode == LOG else yc
         centred = dz - (torch.where(p == 0, torch.zeros_like(dz), dz) * p).sum(ctx.dim, keepdim=True)
         if ctx.mode == LOG:
@@ -124,10 +126,18 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         return (dy, dy) if ctx.mode == HARD else dy
 
 
+def gumbel_softmax_function() -> type[GumbelSoftmaxFunction]:
+    """The Function to apply: with a ``jvp`` only when forward-mode AD is active (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``), never while dynamo traces."""
+    if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
+        return _GumbelSoftmaxForwardAD
+    return GumbelSoftmaxFunction
+
+
 def gumbel_softmax_from_noise(logits: Tensor, tau: float | Tensor, noise: Tensor, mask: Tensor | None,
                               hard: bool, dim: int) -> Tensor:
     """Gumbel-Softmax of validated arguments on given Gumbel ``noise`` (not modified)."""
     tau_t = tau if isinstance(tau, Tensor) else None
     tau_f = 1.0 if tau_t is not None else float(tau)
-    out = GumbelSoftmaxFunction.apply(logits, tau_t, tau_f, None, mask, dim, HARD if hard else 0, noise)
+    out = gumbel_softmax_function().apply(logits, tau_t, tau_f, None, mask, dim, HARD if hard else 0, noise)
     return out[0] if hard else out

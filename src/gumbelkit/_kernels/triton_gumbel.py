@@ -25,10 +25,10 @@ import triton.language as tl
 from .._validation import check_rows
 
 __all__ = [
-    "TritonGumbelSoftmaxFunction",
     "draw_seed",
     "triton_gumbel_max",
     "triton_gumbel_noise",
+    "triton_softmax_forward",
 ]
 
 _TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
@@ -54,9 +54,8 @@ def _noise_kernel(OUT, seed_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _softmax_fwd_kernel(X, Y, OH, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
-                        HARD: tl.constexpr, SINGLE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
+                        SINGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
     seed = tl.load(seed_ptr)
@@ -71,10 +70,7 @@ def _softmax_fwd_kernel(X, Y, OH, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
         e = tl.where(z == -float("inf"), 0.0, tl.exp((z - zmax[:, None]) * inv_tau))
         y = e / tl.sum(e, 1)[:, None]
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
-        if HARD:
-            best = tl.argmax(z, 1)
-            oh = tl.where(cols[None, :] == best[:, None], 1.0, 0.0)
-            tl.store(OH + base + cols[None, :], oh.to(OH.dtype.element_ty), mask=m2)
+        tl.store(IDX + rows, tl.argmax(z, 1).to(tl.int64), mask=rmask)
         tl.store(ROWMAX + rows, _flag_nan(zmax, tl.sum((z != z).to(tl.int32), 1)), mask=rmask)
     else:
         # pass 1: online max and normalizer (and argmax) over column tiles
@@ -104,42 +100,8 @@ def _softmax_fwd_kernel(X, Y, OH, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
             z = tl.where(m2, z + _gumbel(seed, base + cols[None, :]), -float("inf"))
             e = tl.where(z == -float("inf"), 0.0, tl.exp((z - zmax[:, None]) * inv_tau))
             tl.store(Y + base + cols[None, :], (e / norm[:, None]).to(Y.dtype.element_ty), mask=m2)
-            if HARD:
-                oh = tl.where(cols[None, :] == best[:, None], 1.0, 0.0)
-                tl.store(OH + base + cols[None, :], oh.to(OH.dtype.element_ty), mask=m2)
+        tl.store(IDX + rows, best.to(tl.int64), mask=rmask)
         tl.store(ROWMAX + rows, _flag_nan(zmax, n_nan), mask=rmask)
-
-
-@triton.jit
-def _softmax_bwd_kernel(Y, G, DX, n_rows, n_cols, inv_tau, SINGLE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """dx = (1/tau) * y * (g - <g, y>): needs only the saved soft sample."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    base = rows[:, None] * n_cols
-    if SINGLE:
-        cols = tl.arange(0, BLOCK_N)
-        m2 = rmask[:, None] & (cols < n_cols)[None, :]
-        y = tl.load(Y + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(G + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dot = tl.sum(g * y, 1)
-        dx = y * (g - dot[:, None]) * inv_tau
-        tl.store(DX + base + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
-    else:
-        dot = tl.zeros((BLOCK_M,), tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            m2 = rmask[:, None] & (cols < n_cols)[None, :]
-            y = tl.load(Y + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(G + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            dot += tl.sum(g * y, 1)
-        for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            m2 = rmask[:, None] & (cols < n_cols)[None, :]
-            y = tl.load(Y + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            g = tl.load(G + base + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            dx = y * (g - dot[:, None]) * inv_tau
-            tl.store(DX + base + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -189,43 +151,29 @@ def _check_offsets(numel: int) -> None:
                          f"for tensors of {numel} >= 2**31 elements")
 
 
-class TritonGumbelSoftmaxFunction(torch.autograd.Function):
-    """Fused Gumbel-Softmax: Philox noise in registers, writes only ``y`` (and the one-hot if hard)."""
+def triton_softmax_forward(logits: torch.Tensor, tau: float, seed: torch.Tensor, dim: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``(softmax((logits + g) / tau), argmax(logits + g))`` along ``dim`` (index kept with size 1).
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, tau: float, seed: torch.Tensor, hard: bool, dim: int):
-        x, shape = _as_rows(logits, dim)
-        _check_offsets(x.numel())
-        n_rows, n_cols = x.shape
-        y = torch.empty_like(x)
-        one_hot = torch.empty_like(x) if hard else y
-        row_max = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        single, bm, bn = _tiles(n_cols, x.element_size())
-        _softmax_fwd_kernel[_grid_rows(n_rows, bm)](x, y, one_hot, row_max, seed, n_rows, n_cols, 1.0 / tau,
-                                                     HARD=hard, SINGLE=single, BLOCK_M=bm, BLOCK_N=bn)
-        check_rows(row_max, logits, None, dim)
-        ctx.tau, ctx.dim, ctx.shape = tau, dim, shape
-        ctx.save_for_backward(y)
-        y_out = y.view(shape).movedim(-1, dim)
-        if not hard:
-            return y_out
-        ctx.set_materialize_grads(False)
-        return one_hot.view(shape).movedim(-1, dim), y_out
+    Philox noise in registers; writes only ``y`` and one index per row. The backward pass is
+    the closed form in :mod:`gumbelkit._kernels.gumbel_softmax` (plain torch ops).
+    """
+    x, shape = _as_rows(logits, dim)
+    _check_offsets(x.numel())
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x)
+    index = torch.empty(n_rows, dtype=torch.int64, device=x.device)
+    row_max = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    single, bm, bn = _tiles(n_cols, x.element_size())
+    _softmax_fwd_kernel[_grid_rows(n_rows, bm)](x, y, index, row_max, _philox_seed(seed), n_rows, n_cols, 1.0 / tau,
+                                                SINGLE=single, BLOCK_M=bm, BLOCK_N=bn)
+    check_rows(row_max, logits, None, dim)
+    return y.view(shape).movedim(-1, dim), index.view(shape[:-1]).unsqueeze(dim)
 
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        present = [g for g in grads if g is not None]
-        if not present:
-            return None, None, None, None, None
-        grad = present[0] if len(present) == 1 else present[0] + present[1]  # straight-through
-        g, _ = _as_rows(grad, ctx.dim)
-        dx = torch.empty_like(y)
-        n_rows, n_cols = y.shape
-        single, bm, bn = _tiles(n_cols, y.element_size())
-        _softmax_bwd_kernel[_grid_rows(n_rows, bm)](y, g, dx, n_rows, n_cols, 1.0 / ctx.tau, SINGLE=single,
-                                                     BLOCK_M=bm, BLOCK_N=bn)
-        return dx.view(ctx.shape).movedim(-1, ctx.dim), None, None, None, None
+
+def _philox_seed(seed: torch.Tensor) -> torch.Tensor:
+    """A gumbelkit 64-bit seed as the kernels' non-negative 62-bit Philox seed (on device: no sync)."""
+    return seed.reshape(1).bitwise_and(2**62 - 1)
 
 
 def triton_gumbel_max(logits: torch.Tensor, dim: int, seed: torch.Tensor) -> torch.Tensor:
@@ -238,7 +186,7 @@ def triton_gumbel_max(logits: torch.Tensor, dim: int, seed: torch.Tensor) -> tor
     n_tiles = triton.cdiv(n_cols, bn)
     val = torch.empty(n_rows, n_tiles, dtype=torch.float32, device=x.device)
     idx = torch.empty(n_rows, n_tiles, dtype=torch.int64, device=x.device)
-    _max_partial_kernel[(triton.cdiv(n_rows, bm), n_tiles)](x, val, idx, seed, n_rows, n_cols, n_tiles,
+    _max_partial_kernel[(triton.cdiv(n_rows, bm), n_tiles)](x, val, idx, _philox_seed(seed), n_rows, n_cols, n_tiles,
                                                             BLOCK_M=bm, BLOCK_N=bn)
     best_val, best_tile = val.max(1, keepdim=True)
     check_rows(best_val, logits, None, dim)
@@ -251,5 +199,5 @@ def triton_gumbel_noise(shape: tuple[int, ...], seed: torch.Tensor) -> torch.Ten
     for s in shape:
         n *= s
     out = torch.empty(n, dtype=torch.float32, device=seed.device)
-    _noise_kernel[(triton.cdiv(n, 1024),)](out, seed, n, BLOCK=1024)
+    _noise_kernel[(triton.cdiv(n, 1024),)](out, _philox_seed(seed), n, BLOCK=1024)
     return out.view(shape)

@@ -1,0 +1,412 @@
+"""The composability matrix: every public sampler, module and distribution against every PyTorch context.
+
+Rows are callables ``fn(x, generator) -> Tensor`` on a float32 input ``x``; columns are checks
+that run a row inside one context (compile, export, vmap, ...) and raise on failure. Used by
+``tests/test_compose.py`` (one test per cell) and ``benchmarks/compose_table.py`` (the table in
+docs/compose.md). ``torch`` rows are the baselines gumbelkit must match or beat, cell by cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import checkpoint
+
+import gumbelkit as gk
+from gumbelkit import estimators
+
+BIG = 2**21  # elements: past the parallel-noise threshold
+
+
+@dataclass(frozen=True)
+class Row:
+    fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+    differentiable: bool = True
+    generator: bool = True  # takes generator=
+    torch_baseline: bool = False
+    module: Callable[[], nn.Module] | None = None  # for state_dict / pickle / deepcopy
+    shape: tuple[int, ...] = (4, 8)
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class _Head(nn.Module):
+    """A linear layer followed by a module under test: compiled models look like this."""
+
+    def __init__(self, inner: nn.Module, width: int = 8):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(self.linear(x))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _module_row(make: Callable[[], nn.Module], width: int = 8, **kw) -> Row:
+    def fn(x, g, make=make):
+        torch.manual_seed(0)  # same weights every call
+        m = _Head(make(), width)
+        if g is not None:
+            torch.manual_seed(g.initial_seed())
+        return m(x)
+
+    return Row(fn, generator=False, module=lambda: _Head(make(), width), **kw)
+
+
+def _estimator_row(method: str) -> Row:
+    return Row(lambda x, g, method=method: estimators.sample(x, method=method, tau=0.7, generator=g)
+               if method not in ("reinforce", "rloo") else
+               estimators.sample(x, method=method, generator=g))
+
+
+def _concrete(x, g):
+    d = gk.distributions.Concrete(0.7, logits=x, validate_args=False)
+    torch.manual_seed(0 if g is None else g.initial_seed())
+    return d.rsample()
+
+
+def _baseline_relaxed(x, g):
+    d = torch.distributions.RelaxedOneHotCategorical(torch.tensor(0.7), logits=x, validate_args=False)
+    return d.rsample()
+
+
+ROWS: dict[str, Row] = {
+    "gumbel_softmax": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g)),
+    "gumbel_softmax hard": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, hard=True, generator=g)),
+    "gumbel_softmax tensor tau": Row(lambda x, g: gk.gumbel_softmax(x, torch.full((x.shape[0], 1), 0.7, device=x.device), generator=g)),
+    "gumbel_softmax mask": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g,
+                                                              mask=torch.arange(x.shape[-1], device=x.device) != 1)),
+    "log_gumbel_softmax": Row(lambda x, g: gk.log_gumbel_softmax(x, 0.7, generator=g)),
+    "gumbel_max": Row(lambda x, g: gk.gumbel_max(x, generator=g), differentiable=False),
+    "gumbel_topk": Row(lambda x, g: gk.gumbel_topk(x, 3, generator=g).indices, differentiable=False),
+    "gumbel_noise_like": Row(lambda x, g: gk.gumbel_noise_like(x, generator=g), differentiable=False),
+    "sample": Row(lambda x, g: gk.sample(x, temperature=0.8, generator=g), differentiable=False),
+    "sample top_k/top_p/min_p": Row(lambda x, g: gk.sample(x, temperature=0.8, top_k=5, top_p=0.9, min_p=0.05,
+                                                           generator=g), differentiable=False),
+    "sample seeds": Row(lambda x, g: gk.sample(x, seeds=torch.arange(x.shape[0])), differentiable=False,
+                        generator=False),
+    "nn.GumbelSoftmax": _module_row(lambda: gk.nn.GumbelSoftmax(tau=0.7)),
+    "nn.GumbelSoftmax hard": _module_row(lambda: gk.nn.GumbelSoftmax(tau=0.7, hard=True)),
+    "nn.GumbelVectorQuantizer": _module_row(lambda: gk.nn.GumbelVectorQuantizer(8, num_codes=6, code_dim=4)),
+    "nn.L0Gate": _module_row(lambda: gk.nn.L0Gate(8)),
+    "nn.CategoricalVAE": _module_row(lambda: gk.nn.CategoricalVAE(8, num_latents=2, num_classes=3)),
+    "distributions.Concrete.rsample": Row(_concrete, generator=False),
+    **{f"estimators {m}": _estimator_row(m) for m in estimators.available()},
+    "torch F.gumbel_softmax": Row(lambda x, g: F.gumbel_softmax(x, 0.7), generator=False, torch_baseline=True),
+    "torch F.gumbel_softmax hard": Row(lambda x, g: F.gumbel_softmax(x, 0.7, hard=True), generator=False,
+                                       torch_baseline=True),
+    "torch RelaxedOneHotCategorical": Row(_baseline_relaxed, generator=False, torch_baseline=True),
+    "torch multinomial(softmax)": Row(lambda x, g: torch.multinomial(torch.softmax(x, -1), 1, generator=g),
+                                      differentiable=False, torch_baseline=True),
+}
+
+
+# ------------------------------------------------------------------------------------ columns
+
+class NotApplicable(Exception):
+    """The context does not apply to this row (e.g. gradients of an index sampler)."""
+
+
+def _x(row: Row, seed: int = 0, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    return torch.randn(shape or row.shape, generator=_gen(100 + seed))
+
+
+def _nogen(row: Row) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: row.fn(t, None)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _grad_eager(row: Row, x: torch.Tensor, w: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    (row.fn(x, None) * w).sum().backward()
+    return x.grad
+
+
+def _need_grad(row: Row) -> None:
+    if not row.differentiable:
+        raise NotApplicable("not differentiable")
+
+
+def col_eager(row: Row) -> None:
+    x = _x(row)
+    out = row.fn(x, _gen(1))
+    assert torch.isfinite(out.float()).all()
+    if row.generator:
+        _same(out, row.fn(x, _gen(1)))
+
+
+def _compile_check(row: Row, **kw) -> None:
+    x = _x(row)
+    torch._dynamo.reset()
+    f = torch.compile(_nogen(row), **kw)
+    out = f(x)
+    assert out.shape == row.fn(x, None).shape
+    if row.differentiable:
+        xr = x.clone().requires_grad_()
+        f(xr).sum().backward()
+        assert torch.isfinite(xr.grad).all()
+    if kw.get("dynamic"):
+        assert f(_x(row, 1, (row.shape[0] + 3, *row.shape[1:]))).shape[0] == row.shape[0] + 3
+    if row.generator and not kw.get("fullgraph"):
+        # with a generator, the compiled call gives the eager call's bits (forward and backward)
+        g = torch.compile(lambda t, gen: row.fn(t, gen), **kw)
+        _same(g(x, _gen(5)), row.fn(x, _gen(5)))
+
+
+def col_compile(row: Row) -> None:
+    _compile_check(row)
+
+
+def col_fullgraph(row: Row) -> None:
+    _compile_check(row, fullgraph=True, backend="aot_eager")
+
+
+def col_dynamic(row: Row) -> None:
+    _compile_check(row, dynamic=True, backend="aot_eager")
+
+
+class _Wrap(nn.Module):
+    def __init__(self, row: Row):
+        super().__init__()
+        self.row = row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.row.fn(x, None)
+
+
+def col_export(row: Row) -> None:
+    x = _x(row)
+    ep = torch.export.export(_Wrap(row), (x,))
+    a, b = ep.module()(x), ep.module()(x)
+    want = row.fn(x, None)
+    assert a.shape == want.shape and a.dtype == want.dtype
+    assert not torch.equal(a, b), "the exported program froze its random draw"
+
+
+def _vmap(row: Row, randomness: str) -> torch.Tensor:
+    x = _x(row).unsqueeze(0).expand(3, *row.shape).contiguous()
+    return torch.func.vmap(_nogen(row), randomness=randomness)(x)
+
+
+def col_vmap_different(row: Row) -> None:
+    out = _vmap(row, "different")
+    assert not (torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])), "samples did not differ"
+
+
+def col_vmap_same(row: Row) -> None:
+    out = _vmap(row, "same")
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2]), "samples differed under 'same'"
+
+
+def col_grad(row: Row) -> None:
+    _need_grad(row)
+    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    torch.manual_seed(0)
+    got = torch.func.grad(lambda t: (row.fn(t, None) * w).sum())(x)
+    _same(got, _grad_eager(row, x, w))
+
+
+def _jac(row: Row, x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.func.jacrev(_nogen(row))(x)
+
+
+def col_jacrev(row: Row) -> None:
+    _need_grad(row)
+    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    jac = _jac(row, x)
+    nd = len(row.shape)
+    got = (jac * w.reshape(*w.shape, *([1] * nd))).sum(tuple(range(nd)))
+    _same(got, _grad_eager(row, x, w))
+
+
+def col_jvp(row: Row) -> None:
+    _need_grad(row)
+    x, v = _x(row), torch.randn(row.shape, generator=_gen(8))
+    torch.manual_seed(0)
+    _, tangent = torch.func.jvp(_nogen(row), (x,), (v,))
+    jac = _jac(row, x)
+    nd = len(row.shape)
+    _same(tangent, (jac * v.reshape(*([1] * nd), *v.shape)).sum(tuple(range(nd, 2 * nd))))
+
+
+def col_forward_ad(row: Row) -> None:
+    _need_grad(row)
+    x, v = _x(row), torch.randn(row.shape, generator=_gen(8))
+    torch.manual_seed(0)
+    _, want = torch.func.jvp(_nogen(row), (x,), (v,))
+    with fwAD.dual_level():
+        torch.manual_seed(0)
+        tangent = fwAD.unpack_dual(row.fn(fwAD.make_dual(x, v), None)).tangent
+    _same(tangent, want)
+
+
+def col_meta(row: Row) -> None:
+    x = _x(row)
+    out = row.fn(x.to("meta"), None)
+    want = row.fn(x, None)
+    assert out.device.type == "meta" and out.shape == want.shape and out.dtype == want.dtype
+
+
+def col_fake(row: Row) -> None:
+    want = row.fn(_x(row), None)
+    with FakeTensorMode():
+        out = row.fn(torch.randn(row.shape), None)
+    assert out.shape == want.shape and out.dtype == want.dtype
+
+
+def _big(row: Row) -> torch.Tensor:
+    return torch.randn(BIG // row.shape[-1], row.shape[-1]) if row.module is None else torch.randn(4096, 8)
+
+
+def col_inference_mode(row: Row) -> None:
+    with torch.inference_mode():
+        out = row.fn(_big(row), None)
+    assert torch.isfinite(out.float()).all()
+
+
+def col_no_grad(row: Row) -> None:
+    with torch.no_grad():
+        out = row.fn(_big(row), None)
+    assert torch.isfinite(out.float()).all()
+
+
+def col_autocast_bf16(row: Row) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = row.fn(_x(row), None)
+    assert torch.isfinite(out.float()).all()
+
+
+def _checkpointed_grad(row: Row, generator: bool) -> None:
+    _need_grad(row)
+    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    gen = _gen(3) if generator else None
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(0)
+    (row.fn(xr, gen) * w).sum().backward()
+    gen = _gen(3) if generator else None
+    xc = x.clone().requires_grad_()
+    torch.manual_seed(0)
+    kw = {"context_fn": gk.rng_context(gen)} if generator else {}
+    out = checkpoint(lambda t: row.fn(t, gen), xc, use_reentrant=False, **kw)
+    (out * w).sum().backward()
+    _same(xc.grad, xr.grad)
+
+
+def col_checkpoint(row: Row) -> None:
+    _checkpointed_grad(row, generator=False)
+
+
+def col_checkpoint_generator(row: Row) -> None:
+    if not row.generator:
+        raise NotApplicable("takes no generator")
+    _checkpointed_grad(row, generator=True)
+
+
+def col_deterministic(row: Row) -> None:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = row.fn(_x(row), _gen(2) if row.generator else None)
+        if row.differentiable:
+            x = _x(row).requires_grad_()
+            row.fn(x, None).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.isfinite(out.float()).all()
+
+
+def col_noncontiguous(row: Row) -> None:
+    x = _x(row)
+    strided = torch.randn(row.shape[-1], row.shape[0]).t()  # same shape, transposed strides
+    strided.copy_(x)
+    assert not strided.is_contiguous()
+    if row.generator:
+        _same(row.fn(strided, _gen(4)), row.fn(x, _gen(4)))
+    else:
+        assert row.fn(strided, None).shape == row.fn(x, None).shape
+
+
+def col_zero_size(row: Row) -> None:
+    x = torch.randn(0, *row.shape[1:])
+    out = row.fn(x, None)
+    assert out.shape[0] == 0
+
+
+def col_module_state(row: Row) -> None:
+    if row.module is None:
+        raise NotApplicable("not a module")
+    m = row.module()
+    copy.deepcopy(m)
+    pickle.loads(pickle.dumps(m))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = row.module()
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    x = _x(row)
+    torch.manual_seed(9)
+    a = m(x)
+    torch.manual_seed(9)
+    b = m2(x)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    _same(a, b)
+
+
+COLUMNS: dict[str, Callable[[Row], None]] = {
+    "eager": col_eager,
+    "compile": col_compile,
+    "fullgraph": col_fullgraph,
+    "dynamic": col_dynamic,
+    "export": col_export,
+    "vmap different": col_vmap_different,
+    "vmap same": col_vmap_same,
+    "func.grad": col_grad,
+    "jacrev": col_jacrev,
+    "jvp": col_jvp,
+    "forward AD": col_forward_ad,
+    "meta": col_meta,
+    "FakeTensor": col_fake,
+    "inference_mode": col_inference_mode,
+    "no_grad": col_no_grad,
+    "autocast bf16": col_autocast_bf16,
+    "checkpoint": col_checkpoint,
+    "checkpoint generator": col_checkpoint_generator,
+    "deterministic": col_deterministic,
+    "non-contiguous": col_noncontiguous,
+    "zero-size": col_zero_size,
+    "module state": col_module_state,
+}
+
+# Cells that fail, with what they would need. The test marks them xfail(strict=True): a cell
+# that starts passing must be moved out of this table.
+UNSUPPORTED: dict[tuple[str, str], str] = {}
+
+
+def run_cell(row_name: str, col_name: str) -> str:
+    """'pass', 'n/a' or 'FAIL: reason' for one cell (used by the docs table)."""
+    try:
+        COLUMNS[col_name](ROWS[row_name])
+    except NotApplicable:
+        return "n/a"
+    except Exception as err:  # noqa: BLE001 - the table records any failure
+        return f"FAIL: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    return "pass"
