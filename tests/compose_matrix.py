@@ -55,27 +55,48 @@ class _Head(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _module_row(make: Callable[[], nn.Module], width: int = 8, **kw) -> Row:
-    def fn(x, g, make=make):
-        torch.manual_seed(0)  # same weights every call
-        m = _Head(make(), width)
-        if g is not None:
-            torch.manual_seed(g.initial_seed())
-        return m(x)
+class _VAE(nn.Module):
+    """CategoricalVAE trained with straight-through samples; returns its differentiable loss terms."""
 
-    return Row(fn, generator=False, module=lambda: _Head(make(), width), **kw)
+    def __init__(self):
+        super().__init__()
+        self.vae = gk.nn.CategoricalVAE(8, n_latents=2, n_classes=3, hidden=(8,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.vae(torch.sigmoid(x), lambda logits: gk.gumbel_softmax(logits, 1.0, hard=True))
+        return out.nll + out.kl
+
+
+_MODULES: dict[tuple[str, str], nn.Module] = {}
+
+
+def _module_row(make: Callable[[], nn.Module], **kw) -> Row:
+    """A row calling one module instance (weights fixed by seed; a copy per device)."""
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return make()
+
+    def fn(x, g, key=str(id(make))):
+        if (key, str(x.device)) not in _MODULES:
+            _MODULES[key, str(x.device)] = build().to(x.device)
+        return _MODULES[key, str(x.device)](x)
+
+    return Row(fn, generator=False, module=build, **kw)
 
 
 def _estimator_row(method: str) -> Row:
-    return Row(lambda x, g, method=method: estimators.sample(x, method=method, tau=0.7, generator=g)
-               if method not in ("reinforce", "rloo") else
-               estimators.sample(x, method=method, generator=g))
+    if method in ("reinforce", "rloo"):  # score-function estimators: the sample and its log-probability
+        def fn(x, g):
+            z, log_p = estimators.sample_with_log_prob(x, 2, generator=g)
+            return log_p
+        return Row(fn)
+    return Row(lambda x, g, method=method: estimators.sample(x, method=method, tau=0.7, generator=g))
 
 
 def _concrete(x, g):
-    d = gk.distributions.Concrete(0.7, logits=x, validate_args=False)
-    torch.manual_seed(0 if g is None else g.initial_seed())
-    return d.rsample()
+    return gk.distributions.Concrete(0.7, logits=x, validate_args=False).rsample()
 
 
 def _baseline_relaxed(x, g):
@@ -98,11 +119,11 @@ ROWS: dict[str, Row] = {
                                                            generator=g), differentiable=False),
     "sample seeds": Row(lambda x, g: gk.sample(x, seeds=torch.arange(x.shape[0])), differentiable=False,
                         generator=False),
-    "nn.GumbelSoftmax": _module_row(lambda: gk.nn.GumbelSoftmax(tau=0.7)),
-    "nn.GumbelSoftmax hard": _module_row(lambda: gk.nn.GumbelSoftmax(tau=0.7, hard=True)),
-    "nn.GumbelVectorQuantizer": _module_row(lambda: gk.nn.GumbelVectorQuantizer(8, num_codes=6, code_dim=4)),
-    "nn.L0Gate": _module_row(lambda: gk.nn.L0Gate(8)),
-    "nn.CategoricalVAE": _module_row(lambda: gk.nn.CategoricalVAE(8, num_latents=2, num_classes=3)),
+    "nn.GumbelSoftmax": _module_row(lambda: _Head(gk.nn.GumbelSoftmax(tau=0.7))),
+    "nn.GumbelSoftmax hard": _module_row(lambda: _Head(gk.nn.GumbelSoftmax(tau=0.7, hard=True))),
+    "nn.GumbelVectorQuantizer": _module_row(lambda: _Head(gk.nn.GumbelVectorQuantizer(8, 6, groups=2, vq_dim=4))),
+    "nn.L0Gate": _module_row(lambda: _Head(gk.nn.L0Gate(8))),
+    "nn.CategoricalVAE": _module_row(_VAE),
     "distributions.Concrete.rsample": Row(_concrete, generator=False),
     **{f"estimators {m}": _estimator_row(m) for m in estimators.available()},
     "torch F.gumbel_softmax": Row(lambda x, g: F.gumbel_softmax(x, 0.7), generator=False, torch_baseline=True),
@@ -138,6 +159,12 @@ def _grad_eager(row: Row, x: torch.Tensor, w: torch.Tensor, seed: int = 0) -> to
     torch.manual_seed(seed)
     (row.fn(x, None) * w).sum().backward()
     return x.grad
+
+
+def _weights(row: Row, x: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """Random output weights: the gradient of <w, f(x)> probes every output."""
+    shape = row.fn(x, None).shape
+    return torch.randn(shape, generator=_gen(seed))
 
 
 def _need_grad(row: Row) -> None:
@@ -218,7 +245,8 @@ def col_vmap_same(row: Row) -> None:
 
 def col_grad(row: Row) -> None:
     _need_grad(row)
-    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    x = _x(row)
+    w = _weights(row, x)
     torch.manual_seed(0)
     got = torch.func.grad(lambda t: (row.fn(t, None) * w).sum())(x)
     _same(got, _grad_eager(row, x, w))
@@ -231,10 +259,10 @@ def _jac(row: Row, x: torch.Tensor) -> torch.Tensor:
 
 def col_jacrev(row: Row) -> None:
     _need_grad(row)
-    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    x = _x(row)
+    w = _weights(row, x)
     jac = _jac(row, x)
-    nd = len(row.shape)
-    got = (jac * w.reshape(*w.shape, *([1] * nd))).sum(tuple(range(nd)))
+    got = (jac * w.reshape(*w.shape, *([1] * x.dim()))).sum(tuple(range(w.dim())))
     _same(got, _grad_eager(row, x, w))
 
 
@@ -242,10 +270,10 @@ def col_jvp(row: Row) -> None:
     _need_grad(row)
     x, v = _x(row), torch.randn(row.shape, generator=_gen(8))
     torch.manual_seed(0)
-    _, tangent = torch.func.jvp(_nogen(row), (x,), (v,))
+    out, tangent = torch.func.jvp(_nogen(row), (x,), (v,))
     jac = _jac(row, x)
-    nd = len(row.shape)
-    _same(tangent, (jac * v.reshape(*([1] * nd), *v.shape)).sum(tuple(range(nd, 2 * nd))))
+    want = (jac * v.reshape(*([1] * out.dim()), *v.shape)).sum(tuple(range(out.dim(), out.dim() + x.dim())))
+    _same(tangent, want)
 
 
 def col_forward_ad(row: Row) -> None:
@@ -268,7 +296,7 @@ def col_meta(row: Row) -> None:
 
 def col_fake(row: Row) -> None:
     want = row.fn(_x(row), None)
-    with FakeTensorMode():
+    with FakeTensorMode(allow_non_fake_inputs=True):  # a module's real weights meet fake inputs
         out = row.fn(torch.randn(row.shape), None)
     assert out.shape == want.shape and out.dtype == want.dtype
 
@@ -297,7 +325,8 @@ def col_autocast_bf16(row: Row) -> None:
 
 def _checkpointed_grad(row: Row, generator: bool) -> None:
     _need_grad(row)
-    x, w = _x(row), torch.randn(row.shape, generator=_gen(7))
+    x = _x(row)
+    w = _weights(row, x)
     gen = _gen(3) if generator else None
     xr = x.clone().requires_grad_()
     torch.manual_seed(0)
@@ -355,6 +384,7 @@ def col_module_state(row: Row) -> None:
     if row.module is None:
         raise NotApplicable("not a module")
     m = row.module()
+    m.train()
     copy.deepcopy(m)
     pickle.loads(pickle.dumps(m))
     buf = io.BytesIO()
@@ -407,6 +437,6 @@ def run_cell(row_name: str, col_name: str) -> str:
         COLUMNS[col_name](ROWS[row_name])
     except NotApplicable:
         return "n/a"
-    except Exception as err:  # noqa: BLE001 - the table records any failure
+    except Exception as err:
         return f"FAIL: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
     return "pass"

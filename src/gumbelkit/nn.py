@@ -226,7 +226,7 @@ class GumbelVectorQuantizer(nn.Module):
                              f"was built with dim={self.dim}")
         cdtype = compute_dtype(x.dtype)
         g, v = self.groups, self.num_vars
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(_autocast_device(x), enabled=False):
             logits = F.linear(x.to(cdtype), self.weight_proj.weight.to(cdtype),
                               self.weight_proj.bias.to(cdtype)).unflatten(-1, (g, v))
             onehot = self.select(logits, generator=generator)
@@ -246,6 +246,11 @@ class GumbelVectorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_vars={self.num_vars}, groups={self.groups}, vq_dim={self.vq_dim}"
+
+
+def _autocast_device(x: torch.Tensor) -> str:
+    """``x``'s device type for ``torch.autocast`` (meta tensors, which autocast rejects, use the CPU's)."""
+    return "cpu" if x.device.type == "meta" else x.device.type
 
 
 def _perplexity(avg: torch.Tensor) -> torch.Tensor:
@@ -327,7 +332,7 @@ class CategoricalVAE(nn.Module):
         nll, kl = self.nll(x, z), self.kl(logits)
         with torch.no_grad():
             codes = F.one_hot(z.argmax(-1), self.n_classes).to(z.dtype)
-            hard_nll = nll.detach() if torch.equal(codes, z.detach()) else self.nll(x, codes)
+            hard_nll = self.nll(x, codes)  # no data-dependent shortcut: compile, export and vmap trace this
         return VAEOutput(logits, z, nll, kl, hard_nll + kl.detach())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -439,7 +444,9 @@ class L0Gate(nn.Module):
 
     def distribution(self) -> HardConcrete:
         """The gates' :class:`~gumbelkit.distributions.HardConcrete` distribution."""
-        return HardConcrete(self.temperature, self.log_alpha, lower=self.lower, upper=self.upper)
+        # the gate checks its own arguments at construction: no per-call data-dependent validation
+        return HardConcrete(self.temperature, self.log_alpha, lower=self.lower, upper=self.upper,
+                            validate_args=False)
 
     def expected_l0(self) -> torch.Tensor:
         """The expected number of nonzero gates, differentiable in ``log_alpha`` (the L0 penalty)."""
