@@ -98,16 +98,20 @@ def test_noise_contract_all_functions():
     mask[:, 0] = True
     noise = gk.gumbel_noise_like(logits, generator=gen(8))
     x = ref.perturbed(logits, noise, mask)
-    # gumbel_max: exactly the argmax of (logits - m) + noise, m the row maximum of the allowed
-    # logits (float32, as the library computes it: shifting first keeps the noise exact)
-    allowed = logits.masked_fill(~mask, NEG_INF)
-    m = allowed.amax(-1, keepdim=True)
-    x32 = (allowed - m) + noise
+    # gumbel_max: exactly the argmax of logits + noise (float32, as the library computes it)
+    x32 = logits.masked_fill(~mask, NEG_INF) + noise
     assert torch.equal(gk.gumbel_max(logits, generator=gen(8), mask=mask), x32.argmax(-1))
     top = gk.gumbel_topk(logits, 3, generator=gen(8), mask=mask)
     assert torch.equal(top.indices, x32.topk(3).indices)
-    assert torch.equal(top.values, x32.topk(3).values + m)
-    torch.testing.assert_close(top.values, (logits + noise).masked_fill(~mask, NEG_INF).topk(3).values)
+    assert torch.equal(top.values, x32.topk(3).values)
+    # rows with a large maximum m: (logits - m) + noise, which keeps the noise exact at any scale
+    big = logits * 1e6
+    allowed = big.masked_fill(~mask, NEG_INF)
+    m = allowed.amax(-1, keepdim=True)
+    shifted = (allowed - m) + noise
+    assert torch.equal(gk.gumbel_max(big, generator=gen(8), mask=mask), shifted.argmax(-1))
+    top = gk.gumbel_topk(big, 3, generator=gen(8), mask=mask)
+    assert torch.equal(top.values, shifted.topk(3).values + m)
     y = gk.gumbel_softmax(logits, 0.5, generator=gen(8), mask=mask)
     torch.testing.assert_close(y.double(), torch.softmax(x / 0.5, -1), atol=1e-6, rtol=1e-5)
     lg = gk.log_gumbel_softmax(logits, 0.5, generator=gen(8), mask=mask)
@@ -347,8 +351,8 @@ def test_half_precision(dtype):
     _assert_sane(out, grad)
     for name in ("soft", "hard", "log", "topk"):
         assert out[name].dtype == dtype
-    # computed in float32 on the rounded noise, then rounded once
-    noise = gk.gumbel_noise_like(logits, generator=gen(0))
+    # computed in float32 on float32 noise (gumbel_noise_like(logits.float())), then rounded once
+    noise = gk.gumbel_noise_like(logits.float(), generator=gen(0))
     want = ref.gumbel_softmax(logits, noise, 0.05).to(dtype)
     torch.testing.assert_close(out["soft"], want, atol=2e-3, rtol=0)
 

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 import gumbelkit as gk
-from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, fill_gumbel_
+from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, fill_neg_gumbel_
 from reference import EULER_GAMMA
 
 N = 1_000_000
@@ -45,9 +45,11 @@ def test_never_infinite_and_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("u", "w"), [(0.0, 0.0), (0.0, 1.0 - 2**-53), (1.0 - 2**-24, 0.0),
-                                      (1.0 - 2**-24, 1.0 - 2**-53), (0.5, 0.5)])
+                                      ("top", 0.5), (0.5, 0.5)])
 def test_transform_is_finite_at_the_ends_of_both_uniforms(dtype, u, w, monkeypatch):
-    # u is the bulk uniform on [0, 1), w the 53-bit uniform that refines both ends of u
+    # u is the bulk uniform on [0, 1) (at most 1 - eps/2 of its dtype), w the 53-bit uniform
+    # that refines its low end
+    u = 1.0 - torch.finfo(dtype).eps / 2 if u == "top" else u
     real = torch.Tensor.uniform_
 
     def fake_uniform_(self, a=0.0, b=1.0, generator=None):
@@ -55,10 +57,12 @@ def test_transform_is_finite_at_the_ends_of_both_uniforms(dtype, u, w, monkeypat
         return self.fill_(u if self.dtype == dtype and self.numel() == 4 else w)
 
     monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
-    g = fill_gumbel_(torch.empty(4, dtype=dtype), 0)
+    g = -fill_neg_gumbel_(torch.empty(4, dtype=dtype), 0)
     monkeypatch.setattr(torch.Tensor, "uniform_", real)
     assert torch.isfinite(g).all()
     assert -3.7 < g.min() and g.max() < 42.3
+    if u == 0.0:  # refined: far beyond the 16.6 nats of a 24-bit uniform
+        assert g.min() > 38.0 if w < 0.5 else g.min() > 5.5
 
 
 def test_the_tail_reaches_far_beyond_24_bits(monkeypatch):
@@ -69,7 +73,7 @@ def test_the_tail_reaches_far_beyond_24_bits(monkeypatch):
             return self.fill_(0.0 if self.dtype == torch.float32 else w)
 
         monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
-        g = fill_gumbel_(torch.empty(4, dtype=torch.float32), 0)
+        g = -fill_neg_gumbel_(torch.empty(4, dtype=torch.float32), 0)
         monkeypatch.undo()
         assert torch.allclose(g, torch.full_like(g, want), rtol=1e-6)
 

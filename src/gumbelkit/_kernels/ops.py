@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_rows, check_tau_values, compute_dtype
-from .cpu_noise import fill_gumbel_
+from .cpu_noise import fill_neg_gumbel_
 from .dispatch import triton_kernels
 
 __all__ = ["draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
@@ -48,15 +48,15 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor
     return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator, device=device)
 
 
-def _noise(seed: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``."""
+def _neg_noise(seed: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """*Minus* standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``, a fresh buffer."""
     if device.type == "cpu":
-        return fill_gumbel_(torch.empty(shape, dtype=dtype), int(seed))
+        return fill_neg_gumbel_(torch.empty(shape, dtype=dtype), int(seed))
     kernels = triton_kernels(seed)
     if kernels is not None and dtype == torch.float32:
-        return kernels.triton_gumbel_noise(tuple(shape), seed.reshape(1))
+        return kernels.triton_gumbel_noise(tuple(shape), seed.reshape(1)).neg_()
     # other devices: the same transform, on the CPU, moved over
-    return fill_gumbel_(torch.empty(shape, dtype=dtype), int(seed)).to(device)
+    return fill_neg_gumbel_(torch.empty(shape, dtype=dtype), int(seed)).to(device)
 
 
 # -- the shared vmap rule --------------------------------------------------------------------
@@ -91,7 +91,7 @@ def _vmap_rule(op):
 @torch.library.custom_op("gumbelkit::gumbel_noise", mutates_args=())
 def gumbel_noise_op(like: Tensor, seed: Tensor) -> Tensor:
     """Standard Gumbel noise with the shape and device of ``like``, in its compute dtype."""
-    return _noise(seed, like.shape, compute_dtype(like.dtype), like.device)
+    return _neg_noise(seed, like.shape, compute_dtype(like.dtype), like.device).neg_()
 
 
 @gumbel_noise_op.register_fake
@@ -104,24 +104,32 @@ torch.library.register_vmap(gumbel_noise_op, _vmap_rule(gumbel_noise_op))
 
 # -- shared pieces of the sampler implementations ----------------------------------------------
 
-def _allowed(logits: Tensor, mask: Tensor | None) -> Tensor:
-    return logits if mask is None else logits.masked_fill(~mask, _NEG_INF)
+# Below this row-maximum magnitude, adding the noise to the logits directly is as exact as
+# shifting first (the rounding of logits + g is that of the noise itself); above it, shift.
+_SHIFT_ABOVE = 8.0
 
 
 def _perturbed(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, Tensor]:
-    """``(logits - m) + g`` in the compute dtype (a fresh buffer) and the checked row maximum ``m``.
+    """``(logits - m) + g`` in the compute dtype (a fresh buffer) and ``m``, the checked row maximum.
 
     Subtracting the row maximum of the allowed logits *before* adding the noise keeps the
     noise's resolution at any scale (``logits + g`` at logits of 1e7 would round ``g`` to
-    integers in float32); argmax and softmax are shift invariant. The maximum also validates
-    every row: a NaN, a +inf or a row with no allowed category raises ``ValueError``.
+    integers in float32); argmax and softmax are shift invariant. Rows whose maximum is small
+    (``|m| <= 8``) skip the shift (``m`` is then returned as 0): it would change nothing but
+    cost a pass. The maximum also validates every row: a NaN, a +inf or a row with no allowed
+    category raises ``ValueError``.
     """
     cdtype = compute_dtype(logits.dtype)
-    allowed = _allowed(logits, mask)
+    allowed = logits if mask is None else logits.masked_fill(~mask, _NEG_INF)
     m = allowed.amax(dim, keepdim=True)
     check_rows(m, logits, mask, dim)
-    x = _noise(seed, logits.shape, cdtype, logits.device)
-    return x.add_(allowed.to(cdtype) - m.to(cdtype)), m
+    x = _neg_noise(seed, logits.shape, cdtype, logits.device)
+    if bool((m.abs() > _SHIFT_ABOVE).any()):
+        m = m.to(cdtype)
+        allowed = allowed.to(cdtype) - m
+    else:
+        m = torch.zeros_like(m, dtype=cdtype)
+    return torch.sub(allowed, x, out=x), m
 
 
 # -- gumbel_softmax / log_gumbel_softmax / the hard one-hot -----------------------------------
