@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 import gumbelkit as gk
-from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, fill_neg_gumbel_
+from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, SMALL, _neg_gumbel_chunk_, fill_neg_gumbel_
 from reference import EULER_GAMMA
 
 N = 1_000_000
@@ -57,12 +57,23 @@ def test_transform_is_finite_at_the_ends_of_both_uniforms(dtype, u, w, monkeypat
         return self.fill_(u if self.dtype == dtype and self.numel() == 4 else w)
 
     monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
-    g = -fill_neg_gumbel_(torch.empty(4, dtype=dtype), 0)
+    g = torch.empty(4, dtype=dtype)
+    _neg_gumbel_chunk_(g, torch.Generator())
+    g = -g
     monkeypatch.setattr(torch.Tensor, "uniform_", real)
     assert torch.isfinite(g).all()
     assert -3.7 < g.min() and g.max() < 42.3
     if u == 0.0:  # refined: far beyond the 16.6 nats of a 24-bit uniform
         assert g.min() > 38.0 if w < 0.5 else g.min() > 5.5
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2**-53])
+def test_small_tensors_draw_53_bit_uniforms_and_stay_finite(u, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, a=0.0, b=1.0, generator=None: self.fill_(u))
+    g = -fill_neg_gumbel_(torch.empty(SMALL, dtype=torch.float32), 0)
+    monkeypatch.undo()
+    assert torch.isfinite(g).all()
+    assert g.min() > 37.0 if u == 0.0 else g.max() < -3.5
 
 
 def test_the_tail_reaches_far_beyond_24_bits(monkeypatch):
@@ -73,7 +84,9 @@ def test_the_tail_reaches_far_beyond_24_bits(monkeypatch):
             return self.fill_(0.0 if self.dtype == torch.float32 else w)
 
         monkeypatch.setattr(torch.Tensor, "uniform_", fake_uniform_)
-        g = -fill_neg_gumbel_(torch.empty(4, dtype=torch.float32), 0)
+        g = torch.empty(4, dtype=torch.float32)
+        _neg_gumbel_chunk_(g, torch.Generator())
+        g = -g
         monkeypatch.undo()
         assert torch.allclose(g, torch.full_like(g, want), rtol=1e-6)
 
