@@ -305,23 +305,59 @@ def test_hungarian_matching_is_optimal():
     assert torch.equal(matching(scores, method="hungarian"), perm)
 
 
-def test_greedy_matching():
-    g = gen(34)
-    planted = torch.stack([torch.randperm(7, generator=g) for _ in range(10)])
-    near = torch.nn.functional.one_hot(planted, 7).double() + 0.2 * torch.rand(10, 7, 7, generator=g, dtype=F64)
-    assert torch.equal(matching(near, method="greedy"), planted)  # exact near a permutation matrix
-    scores = torch.rand(50, 6, 6, generator=g, dtype=F64)
-    greedy = matching(scores, method="greedy")
-    assert torch.equal(greedy.sort(-1).values, torch.arange(6).expand(50, 6))
-    assert (score_of(scores, greedy) >= 0.5 * score_of(scores, matching(scores))).all()  # 1/2-approx.
+def brute_force_best(scores: torch.Tensor) -> torch.Tensor:
+    """The best total score over all n! permutations (-inf where every permutation is forbidden)."""
+    n = scores.shape[-1]
+    perms = torch.tensor(list(itertools.permutations(range(n))))
+    return scores[..., torch.arange(n), perms].sum(-1).amax(-1)
 
 
-def test_matching_falls_back_to_greedy_without_scipy(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_matching_is_exact_with_forbidden_entries(dtype, n):
+    """Random matrices with about 40% forbidden (-inf) entries: where a feasible permutation
+    exists, matching finds an optimal one and never uses a forbidden entry; where none exists,
+    ValueError. The greedy method this replaces failed both."""
+    g = gen(40 + n)
+    scores = torch.randn(60, n, n, generator=g, dtype=F64)
+    scores[torch.rand(60, n, n, generator=g) < 0.4] = NEG_INF
+    scores = scores.to(dtype)
+    best = brute_force_best(scores.double())
+    for b in range(60):
+        if torch.isinf(best[b]):
+            with pytest.raises(ValueError, match="no permutation avoids the -inf"):
+                matching(scores[b])
+            continue
+        perm = matching(scores[b])
+        assert sorted(perm.tolist()) == list(range(n))
+        total = score_of(scores[b].double(), perm)
+        assert torch.isfinite(total), "used a forbidden entry"
+        torch.testing.assert_close(total, best[b])
+
+
+def test_matching_issue_case_greedy_would_use_a_forbidden_entry():
+    """The largest entry (9) is in row 1, column 0, but row 0 can only take column 0."""
+    scores = torch.tensor([[3.0, NEG_INF, NEG_INF], [9.0, 1.0, NEG_INF], [2.0, 2.0, 2.0]])
+    assert matching(scores).tolist() == [0, 1, 2]
+    h = gumbel_sinkhorn(scores, 0.1, noise=False, hard=True)
+    assert is_permutation_matrix(h) and h.tolist() == torch.eye(3).tolist()
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        matching(torch.tensor([[0.0, NEG_INF, NEG_INF], [0.0, NEG_INF, NEG_INF], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"no permutation avoids.*matrix 1 of the batch"):
+        matching(torch.stack([torch.zeros(2, 2), torch.tensor([[0.0, NEG_INF], [0.0, NEG_INF]])]))
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        # every row and column has a finite entry, but rows 0 and 1 both need column 0
+        gumbel_sinkhorn(torch.tensor([[0.0, NEG_INF, NEG_INF], [0.0, NEG_INF, NEG_INF],
+                                      [0.0, 0.0, 0.0]]), hard=True)
+
+
+def test_matching_without_scipy_says_how_to_install_it(monkeypatch):
     scores = torch.randn(5, 5, 5, generator=gen(35))
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import scipy.optimize -> ImportError
-    assert torch.equal(matching(scores), matching(scores, method="greedy"))
-    with pytest.raises(ImportError):
-        matching(scores, method="hungarian")
+    for call in (lambda: matching(scores), lambda: gumbel_sinkhorn(scores, hard=True)):
+        with pytest.raises(ImportError, match=r"pip install 'gumbelkit\[scipy\]'"):
+            call()
+    gumbel_sinkhorn(scores)  # the soft relaxation needs no SciPy
 
 
 def test_matching_forbidden_entries_and_errors():
@@ -333,6 +369,8 @@ def test_matching_forbidden_entries_and_errors():
         matching(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="method"):
         matching(scores, method="auction")
+    with pytest.raises(ValueError, match="greedy method was removed"):
+        matching(scores, method="greedy")
     with pytest.raises(ValueError, match="shape"):
         matching(torch.zeros(2, 3))
 

@@ -48,6 +48,7 @@ __all__ = [
     "one_hot",
     "row_max",
     "to_dtype_saturating",
+    "upcast",
 ]
 
 Tau = float | torch.Tensor
@@ -90,7 +91,7 @@ def _row_max_fake(logits: torch.Tensor, dim: int, index: torch.Tensor | None = N
 def _row_max_vmap(info: Any, in_dims: tuple, logits: torch.Tensor, dim: int,
                   index: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     size = info.batch_size
-    ld, _, xd = in_dims
+    ld, xd = in_dims[0], (in_dims[2] if len(in_dims) > 2 else None)
     logits = logits.movedim(ld, 0) if ld is not None else logits.expand(size, *logits.shape)
     if index is not None:
         index = index.movedim(xd, 0) if xd is not None else index.expand(size, *index.shape)
@@ -210,7 +211,7 @@ class _Estimator(torch.autograd.Function):
     @classmethod
     def jvp(cls, ctx: Any, d_logits: torch.Tensor | None, *_: Any) -> torch.Tensor:  # type: ignore[override]
         if d_logits is None:
-            logits, _n, _s, output, *_t = ctx.saved_tensors
+            output = ctx.saved_tensors[3]
             return torch.zeros_like(output)
         return cls._apply_map(ctx, d_logits)
 
@@ -374,3 +375,38 @@ class ReinMaxFunction(_Estimator):
         pi1 = (output.to(z.dtype) + _softmax_over_tau(z, tau, dim)) * 0.5
         pi0 = torch.softmax(z, dim)
         return [(2.0, pi1, dim), (-0.5, pi0, dim)], 1.0
+
+
+# ----------------------------------------------------------------------------- half precision in float32
+
+class _Upcast(torch.autograd.Function):
+    """``x.to(dtype)`` whose gradient goes back to ``x.dtype`` saturating (see :func:`upcast`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.in_dtype, ctx.out_dtype = inputs[0].dtype, inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        return to_dtype_saturating(grad, ctx.in_dtype), None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, _: Any) -> torch.Tensor:  # type: ignore[override]
+        return tangent.to(ctx.out_dtype)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its compute dtype (float32 for half precision), differentiably.
+
+    The gradient flows back to half precision saturating at the dtype's largest finite value:
+    a relaxation at ``tau = 1e-6`` can have gradients of 1e6, which float16 cannot hold, and an
+    ``inf`` gradient would turn the next optimizer step into NaN.
+    """
+    cdtype = compute_dtype(x.dtype)
+    return x if cdtype == x.dtype else _Upcast.apply(x, cdtype)
