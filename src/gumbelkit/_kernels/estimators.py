@@ -201,7 +201,9 @@ class _Estimator(torch.autograd.Function):
         params = list(ctx.params)
         for i, t in zip(ctx.tau_index, taus, strict=True):
             params[i] = t
-        parts, scale = cls.parts(logits, noise, shift, output, *params)
+        # the sample is a constant of the backward pass (it is this Function's own output: left
+        # attached, double backward would differentiate it through the estimator again)
+        parts, scale = cls.parts(logits, noise, shift, output.detach(), *params)
         return to_dtype_saturating(_linear_map(parts, scale, v.to(shift.dtype)), logits.dtype)
 
     @classmethod
@@ -372,9 +374,14 @@ class ReinMaxFunction(_Estimator):
     @staticmethod
     def parts(logits, noise, shift, output, tau, dim):  # type: ignore[override]
         z = _scores(logits, shift)
-        pi1 = (output.to(z.dtype) + _softmax_over_tau(z, tau, dim)) * 0.5
+        zd = z.detach()
+        pi1 = (output.to(z.dtype) + _softmax_over_tau(zd, tau, dim)) * 0.5
+        # as the authors' code: pi1 = softmax(z + c), c = log(pi1) - z held constant, so that
+        # second derivatives are those of a softmax at pi1 (impossible entries: c = 0)
+        c = torch.where(torch.isneginf(zd), torch.zeros_like(zd), torch.log(pi1) - zd)
+        p1 = torch.softmax(z + c, dim)
         pi0 = torch.softmax(z, dim)
-        return [(2.0, pi1, dim), (-0.5, pi0, dim)], 1.0
+        return [(2.0, p1, dim), (-0.5, pi0, dim)], 1.0
 
 
 # ----------------------------------------------------------------------------- half precision in float32
