@@ -105,8 +105,12 @@ def _check_int(value: object, name: str, low: int, high: int | None = None) -> i
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass."""
-    return hard + (soft - soft.detach()) if soft.requires_grad else hard
+    """``hard`` in the forward pass, the derivative of ``soft`` in backward and forward mode.
+
+    Always written out (not skipped when ``soft.requires_grad`` is False): forward-mode AD and
+    torch.func carry tangents on tensors that do not require grad.
+    """
+    return hard + (soft - soft.detach())
 
 
 def _scale(x: torch.Tensor, tau: float | torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
