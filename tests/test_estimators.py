@@ -697,21 +697,21 @@ def test_vmap_of_the_functions_with_noise_passed_in(method, kw):
     extra = {"decoupled-st-gs": (1.0, 0.7), "gst": (0.7, None if kw.get("gap") == "p" else 1.0)}
     params = extra.get(method, (0.7,))
     logits = torch.randn(5, 3, 4, generator=gen(305))
-    noise = gumbel_noise_like(logits.expand(4, 5, 3, 4).transpose(0, 1).contiguous(), generator=gen(306))
-    if method != "gumbel-rao":
-        noise = noise[:, 0]
+    noise = gumbel_noise_like(logits, generator=gen(306))
+    cond = gumbel_noise_like(logits.expand(3, 5, 3, 4).transpose(0, 1).contiguous(), generator=gen(307))
 
-    def one(x, g):
-        return cls.apply(x, g, row_max(x.detach(), 1), *params, 1)
+    def one(x, g, c):
+        cond_arg = (c,) if method == "gumbel-rao" else ()
+        return cls.apply(x, g, row_max(x.detach(), 1), *cond_arg, *params, 1)
 
-    def loss(x, g):
-        return (one(x, g) * torch.arange(4.0)).sum()
+    def loss(x, g, c):
+        return (one(x, g, c) * torch.arange(4.0)).sum()
 
-    batched = torch.func.vmap(one)(logits, noise)
-    looped = torch.stack([one(logits[b], noise[b]) for b in range(5)])
+    batched = torch.func.vmap(one)(logits, noise, cond)
+    looped = torch.stack([one(logits[b], noise[b], cond[b]) for b in range(5)])
     assert torch.equal(batched, looped)
-    grads = torch.func.vmap(torch.func.grad(loss))(logits, noise)
-    torch.testing.assert_close(grads, torch.stack([torch.func.grad(loss)(logits[b], noise[b])
+    grads = torch.func.vmap(torch.func.grad(loss))(logits, noise, cond)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(loss)(logits[b], noise[b], cond[b])
                                                    for b in range(5)]))
 
 

@@ -366,8 +366,7 @@ def gumbel_rao(
         theta = logits.detach().to(shift.dtype)
         index = (theta - shift + noise.to(shift.dtype)).argmax(dim, keepdim=True)
         cond = _conditional_noise(theta, index, k, dim, generator)
-        noise = torch.cat([noise.to(shift.dtype).unsqueeze(0), cond])
-    return GumbelRaoFunction.apply(logits, noise, shift, tau, dim)
+    return GumbelRaoFunction.apply(logits, noise, shift, cond, tau, dim)
 
 
 def gapped_straight_through(

@@ -130,9 +130,10 @@ def _div(x: torch.Tensor, tau: Tau) -> torch.Tensor:
     return x / tau if tau != 1.0 else x
 
 
-def _softmax_over_tau(z: torch.Tensor, tau: Tau, dim: int) -> torch.Tensor:
-    """``softmax(z / tau)``, ``z`` shifted to a maximum of 0 first, so ``z / tau`` never overflows upward."""
-    return torch.softmax(_div(_shifted(z, dim), tau), dim)
+def _softmax_over_tau(z: torch.Tensor, tau: Tau, dim: int, at_most_zero: bool = False) -> torch.Tensor:
+    """``softmax(z / tau)``, ``z`` shifted to a maximum of 0 first (unless ``at_most_zero`` says
+    it is already ``<= 0``), so ``z / tau`` never overflows upward."""
+    return torch.softmax(_div(z if at_most_zero else _shifted(z, dim), tau), dim)
 
 
 def _scores(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -187,19 +188,19 @@ class _Estimator(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         logits, noise, shift, *params = inputs
-        tau_index = [i for i, p in enumerate(params) if isinstance(p, torch.Tensor)]
+        tensor_index = [i for i, p in enumerate(params) if isinstance(p, torch.Tensor)]
         ctx.params = [None if isinstance(p, torch.Tensor) else p for p in params]
-        ctx.tau_index = tau_index
-        tensors = (logits, noise, shift, output, *(params[i] for i in tau_index))
+        ctx.tensor_index = tensor_index
+        tensors = (logits, noise, shift, output, *(params[i] for i in tensor_index))
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
         ctx.n_inputs = len(inputs)
 
     @classmethod
     def _apply_map(cls, ctx: Any, v: torch.Tensor) -> torch.Tensor:
-        logits, noise, shift, output, *taus = ctx.saved_tensors
+        logits, noise, shift, output, *tensors = ctx.saved_tensors
         params = list(ctx.params)
-        for i, t in zip(ctx.tau_index, taus, strict=True):
+        for i, t in zip(ctx.tensor_index, tensors, strict=True):
             params[i] = t
         # the sample is a constant of the backward pass (it is this Function's own output: left
         # attached, double backward would differentiate it through the estimator again)
@@ -238,7 +239,7 @@ class StraightThroughFunction(_Estimator):
 
     @staticmethod
     def parts(logits, noise, shift, output, tau, dim):  # type: ignore[override]
-        p = _softmax_over_tau(_scores(logits, shift), tau, dim)
+        p = _softmax_over_tau(_scores(logits, shift), tau, dim, at_most_zero=True)
         return [(1.0, p, dim)], _inverse(tau, shift.dtype)
 
 
@@ -295,8 +296,8 @@ class GumbelRaoFunction(_Estimator):
 
     Forward: :math:`D = \operatorname{onehot}(\arg\max(\theta + g))`. Backward: the
     straight-through Gumbel-Softmax Jacobian averaged over :math:`k` draws :math:`g^{(j)} \sim
-    \text{Gumbel} \mid \arg\max(\theta + g) = D` (``noise`` has shape ``(k + 1, *logits.shape)``:
-    ``noise[0]`` is :math:`g`, ``noise[1:]`` the conditional draws), the noise held fixed:
+    \text{Gumbel} \mid \arg\max(\theta + g) = D` (``conditional``, shape ``(k, *logits.shape)``,
+    compute dtype), the noise held fixed:
 
     .. math::
         \widehat\nabla_\theta = \frac1{k\tau} \sum_{j=1}^k J(y_j)^\top G, \quad
@@ -304,13 +305,13 @@ class GumbelRaoFunction(_Estimator):
     """
 
     @staticmethod
-    def forward(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor, tau: Tau,
-                dim: int) -> torch.Tensor:
-        return _argmax_one_hot(_scores(logits, shift) + noise[0].to(shift.dtype), logits, dim)
+    def forward(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor,
+                conditional: torch.Tensor, tau: Tau, dim: int) -> torch.Tensor:
+        return _argmax_one_hot(_scores(logits, shift) + noise.to(shift.dtype), logits, dim)
 
     @staticmethod
-    def parts(logits, noise, shift, output, tau, dim):  # type: ignore[override]
-        z = _scores(logits, shift).unsqueeze(0) + noise[1:].to(shift.dtype)
+    def parts(logits, noise, shift, output, conditional, tau, dim):  # type: ignore[override]
+        z = _scores(logits, shift).unsqueeze(0) + conditional.to(shift.dtype)
         y = _softmax_over_tau(z, tau.unsqueeze(0) if isinstance(tau, torch.Tensor) else tau, dim + 1)
         return [(1.0, y, dim)], _inverse(tau, shift.dtype)
 
@@ -350,7 +351,7 @@ class GappedStraightThroughFunction(_Estimator):
             moved = torch.where(d, torch.zeros_like(zd), zd.clamp(max=-gap))
         # the move is a constant (d target / d logits = identity); -inf - -inf moves by 0
         target = z + torch.nan_to_num(moved - zd, nan=0.0, posinf=0.0)
-        return [(1.0, _softmax_over_tau(target, tau, dim), dim)], _inverse(tau, shift.dtype)
+        return [(1.0, _softmax_over_tau(target, tau, dim, at_most_zero=True), dim)], _inverse(tau, shift.dtype)
 
 
 class ReinMaxFunction(_Estimator):
@@ -375,11 +376,14 @@ class ReinMaxFunction(_Estimator):
     def parts(logits, noise, shift, output, tau, dim):  # type: ignore[override]
         z = _scores(logits, shift)
         zd = z.detach()
-        pi1 = (output.to(z.dtype) + _softmax_over_tau(zd, tau, dim)) * 0.5
+        pi1 = (output.to(z.dtype) + _softmax_over_tau(zd, tau, dim, at_most_zero=True)) * 0.5
         # as the authors' code: pi1 = softmax(z + c), c = log(pi1) - z held constant, so that
         # second derivatives are those of a softmax at pi1 (impossible entries: c = 0)
-        c = torch.where(torch.isneginf(zd), torch.zeros_like(zd), torch.log(pi1) - zd)
-        p1 = torch.softmax(z + c, dim)
+        if torch.is_grad_enabled():  # double backward / torch.func: the differentiable form
+            c = torch.where(torch.isneginf(zd), torch.zeros_like(zd), torch.log(pi1) - zd)
+            p1 = torch.softmax(z + c, dim)
+        else:  # the same values (softmax(log pi1) = pi1) without the log and the softmax
+            p1 = pi1
         pi0 = torch.softmax(z, dim)
         return [(2.0, p1, dim), (-0.5, pi0, dim)], 1.0
 
