@@ -120,3 +120,37 @@ def test_learnable_temperature_trains_through_gumbel_softmax():
     assert temp.raw.grad is not None and bool(torch.isfinite(temp.raw.grad).all())
     with torch.no_grad():
         assert temp().shape == (4, 1)
+
+
+# ----------------------------------------------------------------------------- extreme values (issue 12)
+
+EXTREMES = [5e-324, 1e-300, 1e-30, 1e-6, 0.5, 1.0, 3.0, 1e6, 1e30, 1e300, 1.7e308]
+
+
+@pytest.mark.parametrize("cls", [LinearSchedule, CosineSchedule])
+def test_interpolated_schedules_never_return_zero_or_leave_the_endpoints(cls):
+    """LinearSchedule(1.0, 1e-300) used to return 0.0 at the end (1 + (1e-300 - 1) * 1 == 0)."""
+    assert LinearSchedule(1.0, 1e-300, 10)(10) == 1e-300
+    for tau0, tau_end in itertools.product(EXTREMES, repeat=2):
+        s = cls(tau0=tau0, tau_end=tau_end, steps=7)
+        lo, hi = min(tau0, tau_end), max(tau0, tau_end)
+        values = [s(t) for t in range(9)]
+        assert all(lo <= v <= hi and v > 0 and math.isfinite(v) for v in values), (tau0, tau_end, values)
+        assert values[0] == tau0 and values[-1] == tau_end
+
+
+def test_learnable_temperature_out_of_range_init_is_a_clear_error_or_works_in_float64():
+    with pytest.raises(ValueError, match=r"init=1e\+300 does not fit.*float32.*dtype=torch.float64"):
+        LearnableTemperature(1e300)
+    temp = LearnableTemperature(1e300, dtype=torch.float64)
+    assert temp.raw.dtype == torch.float64 and temp().item() == pytest.approx(1e300, rel=1e-12)
+    big = LearnableTemperature(3e38)  # just inside float32
+    assert torch.isfinite(big()).all() and big().item() == pytest.approx(3e38, rel=1e-6)
+    tiny = LearnableTemperature(0.1 + 1e-7, tau_min=0.1)  # init just above tau_min
+    assert tiny().item() == pytest.approx(0.1 + 1e-7, rel=1e-6)
+    half = LearnableTemperature(2.0, dtype=torch.float16)
+    assert half.raw.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"init=100000\.0 does not fit.*float16"):
+        LearnableTemperature(1e5, dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtype"):
+        LearnableTemperature(2.0, dtype=torch.int64)

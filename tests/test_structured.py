@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -305,23 +305,59 @@ def test_hungarian_matching_is_optimal():
     assert torch.equal(matching(scores, method="hungarian"), perm)
 
 
-def test_greedy_matching():
-    g = gen(34)
-    planted = torch.stack([torch.randperm(7, generator=g) for _ in range(10)])
-    near = torch.nn.functional.one_hot(planted, 7).double() + 0.2 * torch.rand(10, 7, 7, generator=g, dtype=F64)
-    assert torch.equal(matching(near, method="greedy"), planted)  # exact near a permutation matrix
-    scores = torch.rand(50, 6, 6, generator=g, dtype=F64)
-    greedy = matching(scores, method="greedy")
-    assert torch.equal(greedy.sort(-1).values, torch.arange(6).expand(50, 6))
-    assert (score_of(scores, greedy) >= 0.5 * score_of(scores, matching(scores))).all()  # 1/2-approx.
+def brute_force_best(scores: torch.Tensor) -> torch.Tensor:
+    """The best total score over all n! permutations (-inf where every permutation is forbidden)."""
+    n = scores.shape[-1]
+    perms = torch.tensor(list(itertools.permutations(range(n))))
+    return scores[..., torch.arange(n), perms].sum(-1).amax(-1)
 
 
-def test_matching_falls_back_to_greedy_without_scipy(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_matching_is_exact_with_forbidden_entries(dtype, n):
+    """Random matrices with about 40% forbidden (-inf) entries: where a feasible permutation
+    exists, matching finds an optimal one and never uses a forbidden entry; where none exists,
+    ValueError. The greedy method this replaces failed both."""
+    g = gen(40 + n)
+    scores = torch.randn(60, n, n, generator=g, dtype=F64)
+    scores[torch.rand(60, n, n, generator=g) < 0.4] = NEG_INF
+    scores = scores.to(dtype)
+    best = brute_force_best(scores.double())
+    for b in range(60):
+        if torch.isinf(best[b]):
+            with pytest.raises(ValueError, match="no permutation avoids the -inf"):
+                matching(scores[b])
+            continue
+        perm = matching(scores[b])
+        assert sorted(perm.tolist()) == list(range(n))
+        total = score_of(scores[b].double(), perm)
+        assert torch.isfinite(total), "used a forbidden entry"
+        torch.testing.assert_close(total, best[b])
+
+
+def test_matching_issue_case_greedy_would_use_a_forbidden_entry():
+    """The largest entry (9) is in row 1, column 0, but row 0 can only take column 0."""
+    scores = torch.tensor([[3.0, NEG_INF, NEG_INF], [9.0, 1.0, NEG_INF], [2.0, 2.0, 2.0]])
+    assert matching(scores).tolist() == [0, 1, 2]
+    h = gumbel_sinkhorn(scores, 0.1, noise=False, hard=True)
+    assert is_permutation_matrix(h) and h.tolist() == torch.eye(3).tolist()
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        matching(torch.tensor([[0.0, NEG_INF, NEG_INF], [0.0, NEG_INF, NEG_INF], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"no permutation avoids.*matrix 1 of the batch"):
+        matching(torch.stack([torch.zeros(2, 2), torch.tensor([[0.0, NEG_INF], [0.0, NEG_INF]])]))
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        # every row and column has a finite entry, but rows 0 and 1 both need column 0
+        gumbel_sinkhorn(torch.tensor([[0.0, NEG_INF, NEG_INF], [0.0, NEG_INF, NEG_INF],
+                                      [0.0, 0.0, 0.0]]), hard=True)
+
+
+def test_matching_without_scipy_says_how_to_install_it(monkeypatch):
     scores = torch.randn(5, 5, 5, generator=gen(35))
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import scipy.optimize -> ImportError
-    assert torch.equal(matching(scores), matching(scores, method="greedy"))
-    with pytest.raises(ImportError):
-        matching(scores, method="hungarian")
+    for call in (lambda: matching(scores), lambda: gumbel_sinkhorn(scores, hard=True)):
+        with pytest.raises(ImportError, match=r"pip install 'gumbelkit\[scipy\]'"):
+            call()
+    gumbel_sinkhorn(scores)  # the soft relaxation needs no SciPy
 
 
 def test_matching_forbidden_entries_and_errors():
@@ -333,8 +369,266 @@ def test_matching_forbidden_entries_and_errors():
         matching(torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="method"):
         matching(scores, method="auction")
+    with pytest.raises(ValueError, match="greedy method was removed"):
+        matching(scores, method="greedy")
     with pytest.raises(ValueError, match="shape"):
         matching(torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------ at the edges (issue 12)
+# Scores are shifted by their row maximum before the division by tau and computed in float32
+# at least, so extreme scores and temperatures stay finite and rows keep their sums.
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, F64]
+
+
+def _big(dtype: torch.dtype, want: float = 1e30) -> float:
+    return min(want, float(torch.finfo(dtype).max) / 2)
+
+
+def _sum_tolerance(dtype: torch.dtype, k: int, n: int) -> float:
+    """Each output entry is rounded to ``dtype`` (relative error eps/2) and each of the k
+    float32 softmaxes sums to 1 within about n float32 ulps."""
+    return k * (torch.finfo(dtype).eps + 4 * n * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relaxed_topk_issue_case_five_equal_logits_1e8_sum_to_k(dtype):
+    """Five equal logits of 1e8, k = 2, summed to 6 (logits / tau lost the noise)."""
+    value = _big(dtype, 1e8)
+    logits = torch.full((5,), value, dtype=dtype, requires_grad=True)
+    y = relaxed_topk(logits, 2, generator=gen(50))
+    assert abs(y.double().sum().item() - 2.0) <= _sum_tolerance(dtype, 2, 5)
+    # equal logits: the relaxation is that of the noise alone (shift invariance)
+    expected = relaxed_topk(torch.zeros(5, dtype=dtype), 2, generator=gen(50))
+    torch.testing.assert_close(y, expected)
+    y[0].backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 1e4, 1e8, 1e30])
+@pytest.mark.parametrize("tau", [1e-6, 1.0, 1e6])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_relaxed_topk_rows_sum_to_k_at_any_scale_and_temperature(dtype, scale, tau, k):
+    big = _big(dtype, scale)
+    logits = (torch.randn(4, 6, generator=gen(51), dtype=F64) * big).clamp(-big, big).to(dtype)
+    logits[1] = big  # all tied
+    logits[2, :3] = NEG_INF
+    logits = logits.requires_grad_(True)
+    for hard in (False, True):
+        y = relaxed_topk(logits, min(k, 3), tau, hard=hard, generator=gen(52))
+        assert torch.isfinite(y).all() and (y >= 0).all() and (y[2, :3] == 0).all()
+        err = (y.double().sum(-1) - min(k, 3)).abs().max().item()
+        assert err <= _sum_tolerance(dtype, k, 6), (hard, err)
+        (grad,) = torch.autograd.grad((y * torch.randn(4, 6, generator=gen(53))).sum(), logits)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 1e8, 1e30])
+@pytest.mark.parametrize("tau", [1e-6, 1.0, 1e6])
+def test_sinkhorn_finite_and_doubly_stochastic_at_any_scale_and_temperature(dtype, scale, tau):
+    big = _big(dtype, scale)
+    log_alpha = (torch.randn(3, 4, 4, generator=gen(54), dtype=F64) * big).clamp(-big, big).to(dtype)
+    log_alpha[1] = big  # all tied
+    log_alpha[2, 0, 1] = log_alpha[2, 3, 2] = NEG_INF
+    log_alpha = log_alpha.requires_grad_(True)
+    for hard in (False, True):
+        p = gumbel_sinkhorn(log_alpha, tau, 30, generator=gen(55), hard=hard)
+        assert torch.isfinite(p).all() and (p >= 0).all() and p[2, 0, 1] == 0 and p[2, 3, 2] == 0
+        col = (p.double().sum(-2) - 1).abs().max().item()
+        assert col <= _sum_tolerance(dtype, 1, 4), col
+        if hard:
+            assert is_permutation_matrix(p.double())
+        (grad,) = torch.autograd.grad((p * torch.randn(3, 4, 4, generator=gen(56))).sum(), log_alpha)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [16393.0, 1e8, 1e30])
+def test_sinkhorn_columns_sum_to_one_when_a_column_sits_far_below(dtype, offset):
+    """Found by the property test: [[-16393, 0], [-16393, 0]] in float16 gave a column summing to
+    0.9988 (x - logsumexp(x) near 1.6e4 loses 1e-3 in float32): normalize after the shift."""
+    offset = _big(dtype, offset)
+    log_alpha = torch.tensor([[-offset, 0.0], [-offset, 0.0]], dtype=dtype)
+    for n_iters in (1, 2, 7):
+        p = gumbel_sinkhorn(log_alpha, 1.0, n_iters, generator=gen(58))
+        assert (p.double().sum(-2) - 1).abs().max().item() <= _sum_tolerance(dtype, 1, 2)
+        q = gumbel_sinkhorn(log_alpha.double(), 1.0, n_iters, generator=gen(58))
+        torch.testing.assert_close(q.sum(-2), torch.ones(2, dtype=F64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_tensor_tau_1e_5_gradients_are_finite(dtype):
+    tau = torch.tensor(1e-5, dtype=dtype)
+    logits = torch.tensor([[0.5, 0.5, -1.0, 0.25]], dtype=dtype, requires_grad=True)
+    for f in (lambda x: relaxed_topk(x, 2, tau, generator=gen(57)),
+              lambda x: gumbel_sinkhorn(x.expand(4, 4), tau.view(1, 1), 10, generator=gen(57))):
+        (grad,) = torch.autograd.grad(f(logits)[..., 0].sum(), logits)
+        assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
+def _score_values(dtype: torch.dtype):
+    big = _big(dtype)
+    specials = [0.0, 1.0, -1.0, big, -big, _big(dtype, 1e8), -_big(dtype, 1e8), NEG_INF]
+    return st.one_of(st.floats(-big, big, allow_nan=False), st.sampled_from(specials))
+
+
+def _tau(data):
+    tau = 10.0 ** data.draw(st.floats(-6, 6), label="log10 tau")
+    if data.draw(st.booleans(), label="tensor tau"):
+        fits = [d for d in DTYPES if float(torch.finfo(d).max) > tau and torch.finfo(d).tiny < tau]
+        tau = torch.tensor(tau, dtype=data.draw(st.sampled_from(fits), label="tau dtype"))
+    return tau
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_relaxed_topk_at_extremes(data):
+    """Logits up to +-1e30 (the dtype's range for float16), -inf entries, tau 1e-6 .. 1e6, every
+    dtype: finite, nonnegative, rows summing to k, finite gradients."""
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    rows, n = data.draw(st.integers(1, 3), label="rows"), data.draw(st.integers(1, 6), label="n")
+    k = data.draw(st.integers(1, n), label="k")
+    values = data.draw(st.lists(_score_values(dtype), min_size=rows * n, max_size=rows * n))
+    logits = torch.tensor(values, dtype=F64).reshape(rows, n)
+    logits[:, :k] = logits[:, :k].nan_to_num(neginf=0.0)  # at least k possible categories
+    logits = logits.to(dtype).requires_grad_(True)
+    hard = data.draw(st.booleans(), label="hard")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    y = relaxed_topk(logits, k, _tau(data), hard=hard, generator=gen(seed))
+    assert y.dtype == dtype and torch.isfinite(y).all() and (y >= 0).all()
+    assert (y.detach()[torch.isneginf(logits.detach())] == 0).all()
+    assert (y.double().sum(-1) - k).abs().max().item() <= _sum_tolerance(dtype, k, n)
+    (grad,) = torch.autograd.grad((y * torch.randn(rows, n, generator=gen(seed))).sum(), logits)
+    assert torch.isfinite(grad).all()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_sinkhorn_at_extremes(data):
+    """The same for Gumbel-Sinkhorn (soft and hard): finite, columns summing to 1, finite
+    gradients; forbidden entries stay 0 (the diagonal is kept finite, so a permutation exists)."""
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.integers(1, 4), label="n")
+    values = data.draw(st.lists(_score_values(dtype), min_size=n * n, max_size=n * n))
+    log_alpha = torch.tensor(values, dtype=F64).reshape(n, n)
+    log_alpha.diagonal().copy_(log_alpha.diagonal().nan_to_num(neginf=0.0))
+    log_alpha = log_alpha.to(dtype).requires_grad_(True)
+    hard = data.draw(st.booleans(), label="hard")
+    noise = data.draw(st.booleans(), label="noise")
+    tau = _tau(data)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.view(1, 1)
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    p = gumbel_sinkhorn(log_alpha, tau, data.draw(st.integers(1, 30)), generator=gen(seed),
+                        noise=noise, hard=hard)
+    assert p.dtype == dtype and torch.isfinite(p).all() and (p >= 0).all()
+    assert (p.detach()[torch.isneginf(log_alpha.detach())] == 0).all()
+    assert (p.double().sum(-2) - 1).abs().max().item() <= _sum_tolerance(dtype, 1, n)
+    (grad,) = torch.autograd.grad((p * torch.randn(n, n, generator=gen(seed))).sum(), log_alpha)
+    assert torch.isfinite(grad).all()
+
+
+# ------------------------------------------------------------------ composability (issue 10)
+# Plain differentiable torch ops, data checks and the assignment solver in registered operators.
+
+STRUCTURED = {
+    "relaxed_topk": lambda x, **kw: relaxed_topk(x, 2, 0.7, **kw),
+    "relaxed_topk-hard": lambda x, **kw: relaxed_topk(x, 2, 0.7, hard=True, **kw),
+    "gumbel_sinkhorn": lambda x, **kw: gumbel_sinkhorn(x, 0.7, 10, **kw),
+    "gumbel_sinkhorn-hard": lambda x, **kw: gumbel_sinkhorn(x, 0.7, 10, hard=True, **kw),
+    "sinkhorn-no-noise": lambda x, **kw: gumbel_sinkhorn(x, 0.7, 10, noise=False),
+    "sinkhorn-no-noise-hard": lambda x, **kw: gumbel_sinkhorn(x, 0.7, 10, noise=False, hard=True),
+}
+
+
+def _seeded(name):
+    return lambda x: STRUCTURED[name](x, generator=gen(60))
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_compile_matches_eager(name):
+    f = _seeded(name)
+    x0 = torch.randn(4, 4, generator=gen(61))
+    w = torch.randn(4, 4, generator=gen(62))
+    x = x0.clone().requires_grad_(True)
+    (f(x) * w).sum().backward()
+    y = x0.clone().requires_grad_(True)
+    with torch._inductor.config.patch(fallback_random=True):
+        out = torch.compile(f)(y)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, f(x0))
+    torch.testing.assert_close(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_torch_func_and_forward_ad_match_autograd(name):
+    f = _seeded(name)
+    x0 = torch.randn(4, 4, generator=gen(63), dtype=F64)
+    w = torch.randn(4, 4, generator=gen(64), dtype=F64)
+    x = x0.clone().requires_grad_(True)
+    (f(x) * w).sum().backward()
+    torch.testing.assert_close(torch.func.grad(lambda t: (f(t) * w).sum())(x0), x.grad)
+    jac = torch.func.jacrev(f)(x0)
+    torch.testing.assert_close(torch.einsum("ij,ijkl->kl", w, jac), x.grad)
+    tangent = torch.randn(4, 4, generator=gen(65), dtype=F64)
+    _, jvp = torch.func.jvp(f, (x0,), (tangent,))
+    torch.testing.assert_close(jvp, torch.einsum("ijkl,kl->ij", jac, tangent))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        torch.testing.assert_close(fwAD.unpack_dual(f(fwAD.make_dual(x0, tangent))).tangent, jvp)
+
+
+@pytest.mark.parametrize("name", ["sinkhorn-no-noise", "sinkhorn-no-noise-hard"])
+def test_structured_vmap_without_noise_equals_the_loop(name):
+    f = STRUCTURED[name]
+    x = torch.randn(5, 4, 4, generator=gen(66))
+    torch.testing.assert_close(torch.func.vmap(f)(x), torch.stack([f(x[b]) for b in range(5)]))
+    w = torch.arange(16.0).view(4, 4)
+    grads = torch.func.vmap(torch.func.grad(lambda t: (f(t) * w).sum()))(x)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(lambda t: (f(t) * w).sum())(x[b])
+                                                   for b in range(5)]))
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=False,
+                   reason="gumbel_noise_like allocates the noise from a shape (noise.py, being rewritten "
+                          "to draw like its input); vmap then refuses 'different' randomness")
+@pytest.mark.parametrize("name", ["relaxed_topk", "relaxed_topk-hard", "gumbel_sinkhorn", "gumbel_sinkhorn-hard"])
+def test_structured_vmap_with_noise_draws_different_noise(name):
+    out = torch.func.vmap(STRUCTURED[name], randomness="different")(torch.zeros(32, 4, 4))
+    assert torch.isfinite(out).all() and not torch.equal(out, out[:1].expand_as(out))
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_inference_mode_matches_eager(name):
+    f = _seeded(name)
+    x = torch.randn(4, 4, generator=gen(67))
+    expected = f(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), expected)
+
+
+def test_structured_checks_raise_under_compile_and_vmap():
+    """The data checks and the assignment solver are registered operators: the same ValueError
+    under torch.compile (fullgraph for the deterministic operator) and vmap."""
+    f = torch.compile(lambda x: gumbel_sinkhorn(x, 0.5, 5, noise=False, hard=True), fullgraph=True)
+    good = torch.randn(2, 3, 3, generator=gen(68))
+    torch.testing.assert_close(f(good), gumbel_sinkhorn(good, 0.5, 5, noise=False, hard=True))
+    bad = good.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        f(bad)
+    infeasible = torch.tensor([[0.0, NEG_INF, NEG_INF], [0.0, NEG_INF, NEG_INF], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        f(infeasible.expand(2, 3, 3))
+    with pytest.raises(ValueError, match="no permutation avoids"):
+        torch.func.vmap(matching)(infeasible.expand(2, 3, 3))
+    with pytest.raises(ValueError, match="k=3 is larger"):
+        torch.compile(lambda x: relaxed_topk(x, 3))(torch.tensor([[0.0, 1.0, NEG_INF]]))
+    torch.library.opcheck(gks._check, (good, -1, 1, True))
+    torch.library.opcheck(gks._assignment, (good,))
 
 
 # ------------------------------------------------------------------ docs

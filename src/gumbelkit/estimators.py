@@ -43,12 +43,13 @@ from ._kernels.estimators import (
     GappedStraightThroughFunction,
     GumbelRaoFunction,
     ReinMaxFunction,
+    STGumbelSoftmaxFunction,
     StraightThroughFunction,
     one_hot,
+    row_max,
 )
-from ._validation import check_rows, check_tau, compute_dtype, normalize_dim
-from .functional import _prepare, gumbel_max, gumbel_softmax
-from .noise import gumbel_noise, gumbel_noise_like
+from ._validation import check_generator, check_logits, check_tau, compute_dtype, normalize_dim
+from .noise import gumbel_noise_like
 
 __all__ = [
     "ESTIMATORS",
@@ -85,12 +86,32 @@ def _temperature(tau: object, logits: torch.Tensor, dim: int, name: str = "tau")
     return tau
 
 
+def _prepare(logits: object, dim: object, generator: object) -> tuple[torch.Tensor, int]:
+    """The checks that read only Python values, shapes, dtypes and devices."""
+    logits = check_logits(logits)
+    dim = normalize_dim(dim, logits.dim())
+    check_generator(generator, logits.device)
+    if logits.shape[dim] == 0:
+        raise ValueError(f"logits have no categories along dim={dim} (shape {tuple(logits.shape)})")
+    return logits, dim
+
+
+def _shift(logits: torch.Tensor, dim: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """The row maximum (compute dtype, keepdim), after the data checks (NaN, +inf, empty rows).
+
+    The module's one data-dependent validation: a registered operator (see
+    :func:`gumbelkit._kernels.estimators.row_max`), so it raises under compile and vmap too.
+    """
+    return row_max(logits.detach(), dim, index)
+
+
 def _draw(logits: object, tau: object, dim: object, generator: object
-          ) -> tuple[torch.Tensor, Tau, int, torch.Tensor]:
+          ) -> tuple[torch.Tensor, Tau, int, torch.Tensor, torch.Tensor]:
     """Validate ``logits``, ``tau``, ``dim``, ``generator``; draw the sample's Gumbel noise."""
-    logits, dim, _ = _prepare(logits, dim, generator, None)
+    logits, dim = _prepare(logits, dim, generator)
     tau = _temperature(tau, logits, dim)
-    return logits, tau, dim, gumbel_noise_like(logits, generator=generator)
+    shift = _shift(logits, dim)
+    return logits, tau, dim, gumbel_noise_like(logits, generator=generator), shift
 
 
 def _count(value: object, name: str, minimum: int) -> int:
@@ -102,7 +123,9 @@ def _count(value: object, name: str, minimum: int) -> int:
 
 
 def _index(index: object, logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """Category indices with ``dim`` removed (or kept with size 1), returned keepdim."""
+    """Category indices with ``dim`` removed (or kept with size 1), returned keepdim.
+
+    Shapes and dtypes only; the values are checked by :func:`_shift`."""
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
         got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
         raise TypeError(f"index must be an int64 tensor of category indices, got {got}")
@@ -114,9 +137,6 @@ def _index(index: object, logits: torch.Tensor, dim: int) -> torch.Tensor:
     elif index.shape != (*logits.shape[:dim], 1, *logits.shape[dim + 1:]):
         raise ValueError(f"index of shape {tuple(index.shape)} does not match logits of shape "
                          f"{tuple(logits.shape)} with dim={dim}: expected {tuple(reduced)}")
-    n = logits.shape[dim]
-    if index.numel() and not bool(((index >= 0) & (index < n)).all()):
-        raise ValueError(f"index must lie in [0, {n - 1}] (the categories along dim={dim})")
     return index
 
 
@@ -159,8 +179,8 @@ def straight_through(
         >>> abs(logits.grad.sum().item()) < 1e-6  # softmax gradients sum to zero
         True
     """
-    logits, tau, dim, noise = _draw(logits, tau, dim, generator)
-    return StraightThroughFunction.apply(logits, noise, tau, dim)
+    logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
+    return StraightThroughFunction.apply(logits, noise, shift, tau, dim)
 
 
 def st_gumbel_softmax(
@@ -186,7 +206,8 @@ def st_gumbel_softmax(
         >>> bool((st_gumbel_softmax(logits, 0.5, generator=g).sum(-1) == 1).all())
         True
     """
-    return gumbel_softmax(logits, tau, hard=True, dim=dim, generator=generator)
+    logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
+    return STGumbelSoftmaxFunction.apply(logits, noise, shift, tau, dim)
 
 
 def decoupled_st_gumbel_softmax(
@@ -219,11 +240,12 @@ def decoupled_st_gumbel_softmax(
         >>> z.tolist()
         [1.0, 0.0, 0.0]
     """
-    logits, dim, _ = _prepare(logits, dim, generator, None)
+    logits, dim = _prepare(logits, dim, generator)
     tau_forward = _temperature(tau_forward, logits, dim, "tau_forward")
     tau_backward = _temperature(tau_backward, logits, dim, "tau_backward")
+    shift = _shift(logits, dim)
     noise = gumbel_noise_like(logits, generator=generator)
-    return DecoupledSTGumbelSoftmaxFunction.apply(logits, noise, tau_forward, tau_backward, dim)
+    return DecoupledSTGumbelSoftmaxFunction.apply(logits, noise, shift, tau_forward, tau_backward, dim)
 
 
 def _separate_ties(noise: torch.Tensor, theta: torch.Tensor, index: torch.Tensor,
@@ -234,11 +256,10 @@ def _separate_ties(noise: torch.Tensor, theta: torch.Tensor, index: torch.Tensor
     draw far above the truncation point rounds onto it (likely at logits near 1e4 in float32).
     """
     top = (theta + noise).gather(dim, index)
-    for step in (2.0, 4.0, 16.0, 64.0, 256.0):
-        tie = (theta + noise) >= top
-        tie.scatter_(dim, index, False)
-        if not bool(tie.any()):
-            break
+    chosen = torch.zeros_like(theta + noise, dtype=torch.bool).scatter(
+        dim, index, torch.ones_like(index, dtype=torch.bool))
+    for step in (2.0, 4.0, 16.0, 64.0, 256.0):  # branch-free: a pass with no tie changes nothing
+        tie = ((theta + noise) >= top) & ~chosen
         size = torch.maximum(theta.abs(), top.abs())
         ulp = torch.nextafter(size, torch.full_like(size, float("inf"))) - size
         noise = torch.where(tie, (top - theta) - step * ulp, noise)
@@ -274,7 +295,8 @@ def conditional_gumbel(
             The chosen categories must have probability > 0.
         k: independent draws to return.
         dim: the category dimension.
-        generator: the random source; draws ``gumbel_noise((k, *logits.shape))``.
+        generator: the random source; draws ``gumbel_noise_like`` of ``logits`` expanded to
+            ``(k, *logits.shape)`` in the compute dtype.
 
     Returns:
         Noise of shape ``(k, *logits.shape)`` in the compute dtype (float32 for half logits):
@@ -287,15 +309,12 @@ def conditional_gumbel(
         >>> noise.shape, (logits + noise).argmax(-1).flatten().tolist()
         (torch.Size([3, 1, 3]), [1, 1, 1])
     """
-    logits, dim, _ = _prepare(logits, dim, generator, None)
+    logits, dim = _prepare(logits, dim, generator)
     index = _index(index, logits, dim)
     k = _count(k, "k", 1)
+    _shift(logits, dim, index)
     with torch.no_grad():
-        theta = logits.to(compute_dtype(logits.dtype))
-        check_rows(theta.amax(dim, keepdim=True), logits, None, dim)
-        if not bool(torch.isfinite(torch.log_softmax(theta, dim).gather(dim, index)).all()):
-            raise ValueError("index points at a category with probability 0 (logit -inf); "
-                             "conditioning on an impossible category is undefined")
+        theta = logits.detach().to(compute_dtype(logits.dtype))
         noise = _conditional_noise(theta, index, k, dim, generator)
         idx = index.unsqueeze(0).expand(k, *index.shape)
         return _separate_ties(noise, theta.unsqueeze(0), idx, dim + 1)
@@ -305,12 +324,11 @@ def _conditional_noise(theta: torch.Tensor, index: torch.Tensor, k: int, dim: in
                        generator: torch.Generator | None) -> torch.Tensor:
     """The formula of :func:`conditional_gumbel` on validated input (``index`` keepdim)."""
     log_p = torch.log_softmax(theta, dim)
-    g = gumbel_noise((k, *theta.shape), dtype=theta.dtype, device=theta.device,
-                     generator=generator)
+    g = gumbel_noise_like(theta.unsqueeze(0).expand(k, *theta.shape), generator=generator)
     idx = index.unsqueeze(0).expand(k, *index.shape)
     g_top = g.gather(dim + 1, idx)
-    noise = torch.logaddexp(-g, log_p - g_top).neg_()
-    return noise.scatter_(dim + 1, idx, g_top - log_p.gather(dim, index))
+    noise = torch.logaddexp(-g, log_p - g_top).neg()
+    return noise.scatter(dim + 1, idx, g_top - log_p.gather(dim, index).unsqueeze(0))
 
 
 def gumbel_rao(
@@ -342,13 +360,13 @@ def gumbel_rao(
         >>> z.sum(-1).tolist() == [1.0] * 8
         True
     """
-    logits, dim, _ = _prepare(logits, dim, generator, None)
     k = _count(k, "k", 1)
-    tau = _temperature(tau, logits, dim)
-    index = gumbel_max(logits, dim, generator=generator, keepdim=True)
+    logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
     with torch.no_grad():  # ties do not matter to a softmax: skip conditional_gumbel's fix-up
-        noise = _conditional_noise(logits.to(compute_dtype(logits.dtype)), index, k, dim, generator)
-    return GumbelRaoFunction.apply(logits, index, noise, tau, dim)
+        theta = logits.detach().to(shift.dtype)
+        index = (theta - shift + noise.to(shift.dtype)).argmax(dim, keepdim=True)
+        cond = _conditional_noise(theta, index, k, dim, generator)
+    return GumbelRaoFunction.apply(logits, noise, shift, cond, tau, dim)
 
 
 def gapped_straight_through(
@@ -390,8 +408,8 @@ def gapped_straight_through(
         raise ValueError(f"gap must be finite and >= 0, got {gap}")
     else:
         gap = float(gap)
-    logits, tau, dim, noise = _draw(logits, tau, dim, generator)
-    return GappedStraightThroughFunction.apply(logits, noise, tau, gap, dim)
+    logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
+    return GappedStraightThroughFunction.apply(logits, noise, shift, tau, gap, dim)
 
 
 def reinmax(
@@ -425,8 +443,8 @@ def reinmax(
         >>> logits.grad.shape
         torch.Size([1, 3])
     """
-    logits, tau, dim, noise = _draw(logits, tau, dim, generator)
-    return ReinMaxFunction.apply(logits, noise, tau, dim)
+    logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
+    return ReinMaxFunction.apply(logits, noise, shift, tau, dim)
 
 
 # ----------------------------------------------------------------------------- score function
@@ -458,13 +476,15 @@ def sample_with_log_prob(
         >>> z.shape, log_p.shape, round(log_p[0, 0].item(), 4)  # log(1/4)
         (torch.Size([3, 5, 4]), torch.Size([3, 5]), -1.3863)
     """
-    logits, dim, _ = _prepare(logits, dim, generator, None)
+    logits, dim = _prepare(logits, dim, generator)
     n = _count(n, "n", 1)
-    expanded = logits.unsqueeze(0).expand(n, *logits.shape)
-    index = gumbel_max(expanded.detach(), dim + 1, generator=generator, keepdim=True)
-    log_p = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim).expand_as(expanded)
+    shift = _shift(logits, dim)
+    expanded = logits.detach().unsqueeze(0).expand(n, *logits.shape)
+    noise = gumbel_noise_like(expanded, generator=generator).to(shift.dtype)
+    index = (expanded.to(shift.dtype) - shift + noise).argmax(dim + 1, keepdim=True)
+    log_p = torch.log_softmax(logits.to(shift.dtype), dim).expand(n, *logits.shape)
     log_prob = log_p.gather(dim + 1, index).squeeze(dim + 1).to(logits.dtype)
-    return one_hot(index, expanded.detach(), dim + 1), log_prob
+    return one_hot(index, expanded, dim + 1), log_prob
 
 
 def reinforce_surrogate(

@@ -130,7 +130,10 @@ class _Interpolated(TemperatureSchedule):
 
     def value(self, step: int) -> float:
         frac = self.shape(min(step, self.steps) / self.steps)
-        return self.tau0 + (self.tau_end - self.tau0) * frac
+        # a convex combination of two positive numbers, written so that it stays positive:
+        # tau0 + (tau_end - tau0) * 1 rounds to 0.0 for tau0 = 1, tau_end = 1e-300
+        tau = self.tau0 * (1.0 - frac) + self.tau_end * frac
+        return min(max(tau, min(self.tau0, self.tau_end)), max(self.tau0, self.tau_end))
 
     @staticmethod
     def shape(x: float) -> float:
@@ -142,10 +145,14 @@ class LinearSchedule(_Interpolated):
 
     .. math:: \tau(t) = \tau_0 + (\tau_{\mathrm{end}} - \tau_0)\, \min(t / T, 1)
 
+    The value always lies between ``tau0`` and ``tau_end`` (both > 0), so it is never 0.
+
     Example:
         >>> s = LinearSchedule(tau0=1.0, tau_end=0.5, steps=100)
         >>> s(0), s(50), s(100), s(500)
         (1.0, 0.75, 0.5, 0.5)
+        >>> LinearSchedule(tau0=1.0, tau_end=1e-300, steps=10)(10)
+        1e-300
     """
 
     @staticmethod
@@ -182,6 +189,16 @@ class LearnableTemperature(nn.Module):
     ``shape=(n_latents, 1)`` for ``n_latents`` categorical variables along the last dim.
     Jang et al. (2017) note that a learned temperature acts as an entropy regularizer.
 
+    Args:
+        init: the starting temperature (> ``tau_min``, and within the range of ``dtype``).
+        tau_min: the lower bound (> 0).
+        shape: the shape of the parameter (``()``: one temperature).
+        dtype: the parameter's dtype (default ``torch.get_default_dtype()``).
+
+    Raises:
+        ValueError: ``init <= tau_min``, or ``init`` beyond the largest value of ``dtype``
+            (``LearnableTemperature(1e300)`` needs ``dtype=torch.float64``).
+
     Example:
         >>> import gumbelkit as gk
         >>> temp = LearnableTemperature(init=1.0, tau_min=0.1)
@@ -193,16 +210,23 @@ class LearnableTemperature(nn.Module):
     """
 
     def __init__(self, init: float = 1.0, tau_min: float = 0.1,
-                 shape: tuple[int, ...] | torch.Size = ()) -> None:
+                 shape: tuple[int, ...] | torch.Size = (), *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         init = _positive(init, "init")
         self.tau_min = _positive(tau_min, "tau_min")
         if init <= self.tau_min:
             raise ValueError(f"init={init} must be > tau_min={tau_min}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+            raise TypeError(f"dtype must be a real floating dtype, got {dtype!r}")
+        big = torch.finfo(dtype).max
+        if init > big:
+            raise ValueError(f"init={init} does not fit in the parameter dtype {dtype} (largest "
+                             f"{big:.4g}); use a smaller init, or dtype=torch.float64")
         # the inverse of softplus, log(expm1(x)), written to stay finite for large x
         x = init - self.tau_min
         raw = x + math.log(-math.expm1(-x))
-        self.raw = nn.Parameter(torch.full(tuple(shape), raw))
+        self.raw = nn.Parameter(torch.full(tuple(shape), raw, dtype=dtype))
 
     def forward(self) -> torch.Tensor:
         return self.tau_min + nn.functional.softplus(self.raw)

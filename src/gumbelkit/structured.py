@@ -4,22 +4,27 @@ r"""Structured relaxations: relaxed top-k subsets and relaxed permutations.
   with a straight-through hard option whose forward value is an exact Gumbel-top-k subset.
 - :func:`gumbel_sinkhorn`: a relaxed permutation matrix, Sinkhorn normalization of perturbed
   scores in log space (Mena, Belanger, Linderman and Snoek 2018).
-- :func:`matching`: the best permutation for a score matrix (exact Hungarian algorithm via
-  SciPy when it is installed, greedy otherwise).
+- :func:`matching`: the best permutation for a score matrix, exact (SciPy's
+  ``linear_sum_assignment``; ``pip install 'gumbelkit[scipy]'``).
 
 Every sampler draws its noise as ``gumbel_noise_like(scores, generator=generator)`` (the noise
-contract of :mod:`gumbelkit.noise`) and computes half precision in float32.
+contract of :mod:`gumbelkit.noise`), computes half precision in float32 and shifts scores by
+their row maximum before dividing by a temperature, so no ``x / tau`` overflows. The functions
+are plain differentiable torch ops (so torch.func, vmap, compile and forward-mode AD see through
+them); the data-dependent checks run in one registered operator, :func:`_check` (and the
+assignment solver is one too), so they raise the same ``ValueError`` under compile and vmap.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from numbers import Real
+from typing import Any
 
 import torch
+from torch.library import custom_op
 
-from ._kernels.gumbel_softmax import perturb
+from ._kernels.estimators import upcast
 from ._validation import (
     check_generator,
     check_logits,
@@ -33,7 +38,61 @@ from .noise import gumbel_noise_like
 __all__ = ["gumbel_sinkhorn", "matching", "relaxed_topk"]
 
 _NEG_INF = float("-inf")
-MATCHING_METHODS = ("auto", "hungarian", "greedy")
+MATCHING_METHODS = ("auto", "hungarian")
+SCIPY_HINT = "pip install 'gumbelkit[scipy]'"
+
+
+# ----------------------------------------------------------------------------- data checks (one op)
+
+def _reduced(x: torch.Tensor, dim: int) -> list[int]:
+    shape = list(x.shape)
+    shape[dim] = 1
+    return shape
+
+
+@custom_op("gumbelkit::structured_check", mutates_args=())
+def _check(x: torch.Tensor, dim: int, k: int, columns: bool) -> torch.Tensor:
+    """The row maximum of ``x`` along ``dim`` (keepdim, compute dtype) after the data checks.
+
+    Raises ``ValueError`` for a NaN, a ``+inf``, a row with fewer than ``k`` finite entries or,
+    with ``columns`` (square matrices, ``dim = -1``), a column with no finite entry. The one
+    data-dependent validation of this module, registered as an operator so that it raises under
+    ``torch.compile`` (without a graph break) and ``vmap`` as in eager mode.
+    """
+    m = x.amax(dim, keepdim=True) if x.numel() else x.new_zeros(_reduced(x, dim))
+    check_rows(m, x, None, dim)
+    if k > 1 and x.numel() and bool(((x > _NEG_INF).sum(dim) < k).any()):
+        raise ValueError(f"k={k} is larger than the number of categories with finite logits in some "
+                         "row; lower k or give more categories finite logits")
+    if columns and x.numel() and not bool(torch.isfinite(x.amax(-2)).all()):
+        raise ValueError("some column of log_alpha has no finite entry; every row and every column "
+                         "needs at least one finite score")
+    return m.to(compute_dtype(x.dtype))
+
+
+@_check.register_fake
+def _check_fake(x: torch.Tensor, dim: int, k: int, columns: bool) -> torch.Tensor:
+    return x.new_empty(_reduced(x, dim), dtype=compute_dtype(x.dtype))
+
+
+def _check_vmap(info: Any, in_dims: tuple, x: torch.Tensor, dim: int, k: int,
+                columns: bool) -> tuple[torch.Tensor, int]:
+    x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
+    return _check(x, dim % (x.dim() - 1) + 1, k, columns), 0
+
+
+_check.register_vmap(_check_vmap)
+
+
+def _clamp_scaled(z: torch.Tensor, impossible: torch.Tensor) -> torch.Tensor:
+    """Scaled scores ``z`` with finite-score entries floored at the dtype's lowest finite value.
+
+    ``(x - max) / tau`` can overflow to ``-inf`` for a finite ``x`` (a gap of 1e30 at tau 1e-9);
+    such an entry has probability 0 either way, but a ``-inf`` left in a log-sum-exp whose other
+    entries are ``-inf`` too gives NaN gradients. Impossible (``-inf``) scores stay ``-inf``.
+    """
+    floored = z.clamp(min=torch.finfo(z.dtype).min)
+    return floored.masked_fill(impossible, _NEG_INF)
 
 
 def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
@@ -46,16 +105,26 @@ def _check_int(value: object, name: str, low: int, high: int | None = None) -> i
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass."""
-    return hard + (soft - soft.detach()) if soft.requires_grad else hard
+    """``hard`` in the forward pass, the derivative of ``soft`` in backward and forward mode.
+
+    Always written out (not skipped when ``soft.requires_grad`` is False): forward-mode AD and
+    torch.func carry tangents on tensors that do not require grad.
+    """
+    return hard + (soft - soft.detach())
 
 
-def _scale(x: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """``x / tau`` where ``-inf`` entries stay ``-inf`` with a zero (not NaN) gradient for ``tau``."""
-    if not isinstance(tau, torch.Tensor) or not tau.requires_grad:
-        return x / tau
-    gone = x == _NEG_INF
-    return (x.masked_fill(gone, 0.0) / tau).masked_fill(gone, _NEG_INF)
+def _scale(x: torch.Tensor, tau: float | torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """``(x - max x) / tau``: shifted to a maximum of 0 along ``dim`` first, so the division cannot
+    overflow upward; ``-inf`` entries stay ``-inf`` with a zero (not NaN) gradient for ``tau``."""
+    gone = torch.isneginf(x.detach())
+    x = x - x.detach().amax(dim, keepdim=True)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(x.dtype)
+        if tau.requires_grad:
+            x = x.masked_fill(gone, 0.0)
+    elif tau == 1.0:
+        return _clamp_scaled(x, gone)
+    return _clamp_scaled(x / tau, gone)
 
 
 def _log1m_softmax(z: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +136,14 @@ def _log1m_softmax(z: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     lse = z.logsumexp(dim, keepdim=True)
     log_a = z - lse
     top = z.detach().argmax(dim, keepdim=True)
-    log_rest_top = z.scatter(dim, top, _NEG_INF).logsumexp(dim, keepdim=True) - lse
+    # others: the top entry at the dtype's lowest value, not -inf (a row of -inf has a NaN
+    # logsumexp gradient); its contribution exp(lowest) is exactly 0
+    lowest = torch.finfo(z.dtype).min
+    others = z.scatter(dim, top, torch.full_like(top, lowest, dtype=z.dtype))
+    log_rest_top = (others.logsumexp(dim, keepdim=True) - lse).clamp(min=lowest)
     # the top entry is set to -inf before log1p (its value is replaced below), so neither the
     # value nor the gradient of log1p(-1) is ever formed
-    log1m = torch.log1p(-log_a.scatter(dim, top, _NEG_INF).exp())
+    log1m = torch.log1p(-log_a.scatter(dim, top, torch.full_like(top, _NEG_INF, dtype=z.dtype)).exp())
     return log_a, log1m.scatter(dim, top, log_rest_top)
 
 
@@ -132,23 +205,21 @@ def relaxed_topk(
     tau = check_tau(tau, logits, dim)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    alpha = perturb(logits, gumbel_noise_like(logits, generator=generator), None)
-    check_rows(alpha.detach().amax(dim, keepdim=True), logits, None, dim)
-    if bool(((alpha > _NEG_INF).sum(dim) < k).any()):
-        raise ValueError(f"k={k} is larger than the number of categories with finite logits in some "
-                         "row; lower k or give more categories finite logits")
-    if isinstance(tau, torch.Tensor):
-        tau = tau.to(alpha.dtype)
+    shift = _check(logits.detach(), dim, k, False)
+    noise = gumbel_noise_like(logits, generator=generator).to(shift.dtype)
+    # shifted first: logits of 1e8 keep their O(1) differences and the Gumbel noise
+    alpha = (upcast(logits) - shift) + noise
     # the hard subset is the top-k of the perturbed scores: the exact Gumbel-top-k draw
     top = alpha.detach().topk(k, dim).indices if hard else None
     soft = torch.zeros_like(alpha)
     for j in range(k):
-        log_a, log1m = _log1m_softmax(_scale(alpha, tau), dim)
+        log_a, log1m = _log1m_softmax(_scale(alpha, tau, dim), dim)
         soft = soft + log_a.exp()
-        if j + 1 < k:  # the last update is never used (and may leave a row without mass)
+        if j + 1 < k:  # the last update is never used
             alpha = alpha + log1m
     if top is not None:
-        soft = _straight_through(torch.zeros_like(soft).scatter_(dim, top, 1.0), soft)
+        hard_k = torch.zeros_like(soft).scatter(dim, top, torch.ones_like(top, dtype=soft.dtype))
+        soft = _straight_through(hard_k, soft)
     return soft.to(logits.dtype)
 
 
@@ -159,18 +230,15 @@ def _check_square(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def _check_matrix_rows(x: torch.Tensor, log_alpha: torch.Tensor) -> None:
-    """NaN, +inf, or a row or column with no finite entry: no doubly stochastic limit exists."""
-    check_rows(x.detach().amax(-1, keepdim=True), log_alpha, None, log_alpha.dim() - 1)
-    if not bool(torch.isfinite(x.detach().amax(-2)).all()):
-        raise ValueError("some column of log_alpha has no finite entry; every row and every column "
-                         "needs at least one finite score")
-
-
 def _normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x - logsumexp(x, dim)``, in place when no gradient is needed (``x`` is our own buffer)."""
-    lse = x.logsumexp(dim, keepdim=True)
-    return x - lse if x.requires_grad else x.sub_(lse)
+    """``x - logsumexp(x, dim)``, computed as ``z - log(sum(exp(z)))`` with ``z = x - max(x)``.
+
+    ``x - logsumexp(x)`` directly loses ``|x|`` ulps: at scores near 1.6e4 the float32 logsumexp
+    is off by 1e-3, and every entry of the line with it (a column summing to 0.999).
+    Subtracting the maximum, an entry of ``x``, is exact; what is left is small.
+    """
+    z = x - x.detach().amax(dim, keepdim=True)
+    return z - z.logsumexp(dim, keepdim=True)
 
 
 def gumbel_sinkhorn(
@@ -229,6 +297,8 @@ def gumbel_sinkhorn(
         ([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     """
     log_alpha = _check_square(log_alpha, "log_alpha")
+    if hard:
+        _require_scipy()
     check_generator(generator, log_alpha.device)
     last = log_alpha.dim() - 1
     tau = check_tau(tau, log_alpha, last)
@@ -241,13 +311,12 @@ def gumbel_sinkhorn(
     for name, flag in (("noise", noise), ("hard", hard)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    shift = _check(log_alpha.detach(), last, 1, True)
+    x = upcast(log_alpha) - shift  # row maxima at 0: 1e30 scores keep their noise
     if noise:
-        x = perturb(log_alpha, gumbel_noise_like(log_alpha, generator=generator), None)
-    else:
-        x = log_alpha.to(compute_dtype(log_alpha.dtype))
-    _check_matrix_rows(x, log_alpha)
-    perm = matching(x.detach()) if hard else None
-    x = _scale(x, tau.to(x.dtype) if isinstance(tau, torch.Tensor) else tau)
+        x = x + gumbel_noise_like(log_alpha, generator=generator).to(x.dtype)
+    perm = _assignment(x.detach()) if hard else None
+    x = _scale(x, tau, (-2, -1))
     for it in range(1, n_iters + 1):
         x = _normalize(_normalize(x, -1), -2)
         if tol is not None and (it % 10 == 0 or it == n_iters):
@@ -261,32 +330,34 @@ def gumbel_sinkhorn(
                           stacklevel=2)
     soft = x.exp()
     if perm is not None:
-        onehot = torch.zeros_like(soft).scatter_(-1, perm.unsqueeze(-1), 1.0)
+        index = perm.unsqueeze(-1)
+        onehot = torch.zeros_like(soft).scatter(-1, index, torch.ones_like(index, dtype=soft.dtype))
         soft = _straight_through(onehot, soft)
     return soft.to(log_alpha.dtype)
 
 
-def _greedy_matching(scores: torch.Tensor) -> torch.Tensor:
-    """Repeatedly take the largest remaining entry and strike out its row and column."""
-    n = scores.shape[-1]
-    flat = scores.reshape(-1, n * n).clone()
-    perm = torch.empty(flat.shape[0], n, dtype=torch.long, device=scores.device)
-    rows = torch.arange(flat.shape[0], device=scores.device)
-    nan = torch.tensor(float("nan"), dtype=flat.dtype, device=flat.device)
-    for _ in range(n):
-        # struck-out entries (NaN) rank below every score, -inf scores included
-        best = torch.nan_to_num(flat, nan=-math.inf, neginf=torch.finfo(flat.dtype).min).argmax(-1)
-        i, j = best // n, best % n
-        perm[rows, i] = j
-        grid = flat.view(-1, n, n)
-        grid[rows, i, :] = nan
-        grid[rows, :, j] = nan
-    return perm.reshape(scores.shape[:-1])
+def _require_scipy() -> None:
+    """Fail early, before any work, when SciPy (the exact assignment solver) is missing."""
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        raise ImportError("matching and gumbel_sinkhorn(hard=True) need SciPy's exact assignment "
+                          f"solver: {SCIPY_HINT}") from None
 
 
-def _hungarian(scores: torch.Tensor) -> torch.Tensor:
-    from scipy.optimize import linear_sum_assignment  # optional dependency: imported lazily
+@custom_op("gumbelkit::linear_sum_assignment", mutates_args=())
+def _assignment(scores: torch.Tensor) -> torch.Tensor:
+    """For each ``(n, n)`` matrix, the permutation maximizing the total score (int64 ``(..., n)``).
 
+    SciPy's ``linear_sum_assignment`` (Crouse 2016) in float64, on the CPU. Raises ``ValueError``
+    for NaN or ``+inf`` scores and when no permutation avoids the ``-inf`` (forbidden) entries.
+    A registered operator, so it runs under compile (no graph break) and vmap.
+    """
+    _require_scipy()
+    from scipy.optimize import linear_sum_assignment
+
+    if scores.numel() and bool(torch.isnan(scores).any() | torch.isposinf(scores).any()):
+        raise ValueError("scores contain NaN or +inf; use finite scores (-inf forbids an assignment)")
     n = scores.shape[-1]
     mats = scores.detach().to("cpu", torch.float64).reshape(-1, n, n).numpy()
     perm = torch.empty(mats.shape[0], n, dtype=torch.long)
@@ -294,49 +365,62 @@ def _hungarian(scores: torch.Tensor) -> torch.Tensor:
         try:
             rows, cols = linear_sum_assignment(m, maximize=True)
         except ValueError:
-            raise ValueError(f"matrix {b} has no permutation with all scores finite (too many -inf "
-                             "entries)") from None
+            where = f" (matrix {b} of the batch)" if mats.shape[0] > 1 else ""
+            raise ValueError(f"no permutation avoids the -inf (forbidden) entries{where}: every "
+                             "assignment uses one; allow more entries") from None
         perm[b, torch.as_tensor(rows)] = torch.as_tensor(cols)
     return perm.reshape(scores.shape[:-1]).to(scores.device)
+
+
+@_assignment.register_fake
+def _assignment_fake(scores: torch.Tensor) -> torch.Tensor:
+    return scores.new_empty(scores.shape[:-1], dtype=torch.long)
+
+
+def _assignment_vmap(info: Any, in_dims: tuple, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    d = in_dims[0]
+    scores = scores.movedim(d, 0) if d is not None else scores.expand(info.batch_size, *scores.shape)
+    return _assignment(scores), 0
+
+
+_assignment.register_vmap(_assignment_vmap)
 
 
 def matching(scores: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
     r"""The permutation that maximizes the total score: :math:`\arg\max_\sigma \sum_i
     \mathrm{scores}_{i, \sigma(i)}` (the matching operator :math:`M` of Mena et al. 2018).
 
-    ``method="hungarian"`` solves the linear assignment problem exactly with
-    :func:`scipy.optimize.linear_sum_assignment` (Kuhn 1955; Crouse 2016); ``"greedy"`` takes
-    the largest remaining entry until every row is assigned (exact when the scores are close to
-    a permutation matrix, e.g. a low-temperature Sinkhorn output, and within a factor 2 of the
-    optimum for nonnegative scores); ``"auto"`` uses the Hungarian algorithm when SciPy is
-    importable, else greedy.
-    Not differentiable (use :func:`gumbel_sinkhorn` with ``hard=True`` for gradients).
+    Solved exactly, always: the linear assignment problem by SciPy's
+    :func:`scipy.optimize.linear_sum_assignment` (Kuhn 1955; Crouse 2016), an optional
+    dependency (``pip install 'gumbelkit[scipy]'``; without it an ``ImportError`` says so before
+    any work). A greedy approximation would be faster to write but silently wrong: it can pick
+    forbidden entries when a feasible permutation exists. Not differentiable (use
+    :func:`gumbel_sinkhorn` with ``hard=True`` for gradients).
 
     Args:
-        scores: a batch of square score matrices ``(..., n, n)``; ``-inf`` forbids an
-            assignment (the Hungarian method raises if no permutation avoids them).
-        method: ``"auto"``, ``"hungarian"`` or ``"greedy"``.
+        scores: a batch of square score matrices ``(..., n, n)``, any floating dtype;
+            ``-inf`` forbids an assignment.
+        method: ``"auto"`` or ``"hungarian"`` (the same exact solver).
 
     Returns:
         int64 ``(..., n)``: ``perm[..., i]`` is the column assigned to row ``i``. Its permutation
         matrix is ``torch.nn.functional.one_hot(perm, n)``.
 
+    Raises:
+        ImportError: SciPy is not installed.
+        ValueError: NaN or ``+inf`` scores, or no permutation avoids the ``-inf`` entries.
+
     Example:
         >>> scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.7, 0.0], [0.0, 0.2, 0.5]])
         >>> matching(scores).tolist()
         [1, 0, 2]
+        >>> inf = float("inf")  # row 0 may only use column 1, row 1 columns 0 or 1
+        >>> matching(torch.tensor([[-inf, 0.0, -inf], [9.0, 5.0, -inf], [1.0, 1.0, 1.0]])).tolist()
+        [1, 0, 2]
     """
     scores = _check_square(scores, "scores")
-    if bool(torch.isnan(scores).any() | torch.isposinf(scores).any()):
-        raise ValueError("scores contain NaN or +inf; use finite scores (-inf forbids an assignment)")
     if method not in MATCHING_METHODS:
-        raise ValueError(f"method must be one of {MATCHING_METHODS}, got {method!r}")
-    if method == "auto":
-        try:
-            import scipy.optimize  # noqa: F401
-        except ImportError:
-            method = "greedy"
-        else:
-            method = "hungarian"
-    with torch.no_grad():
-        return _hungarian(scores) if method == "hungarian" else _greedy_matching(scores)
+        raise ValueError(f"method must be one of {MATCHING_METHODS}, got {method!r} (the greedy "
+                         "method was removed: it could return forbidden assignments)")
+    _require_scipy()
+    return _assignment(scores.detach())
