@@ -90,7 +90,9 @@ def check_tau(tau: object, logits: torch.Tensor, dim: int) -> float | torch.Tens
                 f"tau of shape {tuple(tau.shape)} varies along the category dimension dim={dim}; "
                 "use one temperature per distribution (size 1 along dim, e.g. tau.unsqueeze(dim))"
             )
-        return tau  # its values are checked where the data is read: check_tau_values, inside the operators
+        from ._kernels.ops import checked_tau  # an operator: the value check runs under compile and export too
+
+        return checked_tau(tau)
     if isinstance(tau, bool) or not isinstance(tau, Real):
         raise TypeError(f"tau must be a float or a tensor, got {type(tau).__name__}")
     tau = float(tau)

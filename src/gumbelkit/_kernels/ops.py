@@ -35,7 +35,7 @@ from .._validation import check_rows, check_tau_values, compute_dtype
 from .cpu_noise import fill_neg_gumbel_
 from .dispatch import triton_kernels
 
-__all__ = ["draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
+__all__ = ["checked_tau", "draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
 
 _NEG_INF = float("-inf")
 SOFT, HARD, LOG = 0, 1, 2  # gumbel_softmax_op modes
@@ -84,6 +84,27 @@ def _vmap_rule(op):
         return torch.stack(outs), 0
 
     return rule
+
+
+# -- the temperature's values ------------------------------------------------------------------
+
+@torch.library.custom_op("gumbelkit::checked_tau", mutates_args=())
+def checked_tau(tau: Tensor) -> Tensor:
+    """A copy of a tensor temperature, after checking that every value is finite and > 0.
+
+    The copy is what the samplers use, so compilers cannot drop the check as dead code.
+    """
+    check_tau_values(tau)
+    return tau.clone()
+
+
+@checked_tau.register_fake
+def _(tau: Tensor) -> Tensor:
+    return torch.empty_like(tau)
+
+
+torch.library.register_vmap(checked_tau, lambda info, in_dims, tau: (checked_tau(tau), in_dims[0]))
+torch.library.register_autograd(checked_tau, lambda ctx, grad: grad)
 
 
 # -- noise -----------------------------------------------------------------------------------
@@ -139,8 +160,6 @@ def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: 
                       dim: int, mode: int) -> tuple[Tensor, Tensor]:
     """``(y, index)``: ``y`` = softmax((logits + g) / tau) (``mode`` SOFT/HARD) or its log (LOG), and
     the argmax of ``logits + g`` along ``dim`` (kept with size 1), the exact Gumbel-Max draw."""
-    if tau_t is not None:
-        check_tau_values(tau_t)
     kernels = triton_kernels(logits)
     if kernels is not None and mask is None and tau_t is None and mode != LOG:
         return kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
