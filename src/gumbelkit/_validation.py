@@ -134,7 +134,13 @@ def check_rows(row_max: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor |
     The row maximum is computed anyway by every sampler, so validation costs one small
     reduction instead of extra passes over the logits; the slow diagnosis runs only on error.
     """
-    if row_max.numel() == 0 or bool(torch.isfinite(row_max).all()):
+    if row_max.numel() == 0:
+        return
+    if row_max.is_cuda and torch.cuda.is_current_stream_capturing():
+        # no host sync inside a CUDA graph: an on-device assert (raised at the next sync) instead
+        torch._assert_async(torch.isfinite(row_max).all(), "gumbelkit: logits with NaN, +inf or no allowed category")
+        return
+    if bool(torch.isfinite(row_max).all()):
         return
     if bool(torch.isnan(logits).any()):
         raise ValueError("logits contain NaN; check the model that produced them")
