@@ -141,7 +141,7 @@ def _log_value(v: torch.Tensor) -> torch.Tensor:
     """
     small = v < torch.finfo(v.dtype).tiny
     scaled = torch.where(small, v * 2.0 ** _SCALE_BITS, v)
-    return scaled.log() - torch.where(small, _SCALE_BITS * math.log(2.0), 0.0).to(v.dtype)
+    return scaled.log() - small.to(v.dtype) * (_SCALE_BITS * math.log(2.0))
 
 
 def _log_smallest_subnormal(dtype: torch.dtype) -> float:
