@@ -14,6 +14,27 @@ Every sampler draws its noise through :mod:`gumbelkit.noise` (the noise contract
 finite at small temperatures, for many categories and for samples that rounded onto the
 boundary of the support. Temperatures are batch parameters and broadcast against the batch
 shape of the logits, so one distribution object can hold a grid of temperatures.
+
+Conventions shared by every class:
+
+- **Exact densities.** ``log_prob`` reads every nonzero value exactly, subnormals included
+  (nothing is clamped to ``finfo.tiny``). A value exactly on the boundary where the density
+  is 0 or infinite (a Concrete coordinate of exactly 0, a Binary Concrete value of exactly 0
+  or 1, the usual result of underflow) is read as the nearest interior float of the value's
+  dtype: the smallest positive float (``finfo.tiny * finfo.eps``), or ``1 - eps/2``.
+- **Result dtype.** ``log_prob`` returns the compute dtype of the value and the parameters:
+  float32 for half precision (the log-density of a float16 Concrete with ``K = 2000`` exceeds
+  float16's range), otherwise the promoted dtype.
+- **Support checks** are calibrated to the rounding a genuine sample can have in its dtype
+  (:func:`_simplex_tolerance`), so they reject points off the support in every precision.
+- **validate_args** follows torch: ``True``/``False`` as given, ``None`` for the default of
+  :meth:`torch.distributions.Distribution.set_default_validate_args` (on unless Python runs
+  with ``-O``). torch re-reads that class attribute at every call, and ``torch.compile`` sets
+  it to ``False`` for the rest of the process when it first runs; here the decision is taken
+  once, at construction, and a ``False`` written by ``torch.compile`` is not mistaken for the
+  user's (see :func:`set_default_validate_args`). Checks that read tensor data all go through
+  one helper; with ``validate_args=False``, ``log_prob`` traces under
+  ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -547,7 +568,9 @@ class ExpConcrete(_ConcreteBase):
             ``logits.shape[:-1]``.
         probs: category probabilities (normalized along the last dimension), or
         logits: unnormalized log-probabilities :math:`\ell` (``-inf`` = impossible).
-        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+        validate_args: check parameters and ``log_prob`` values; ``None`` takes torch's default
+            (on unless ``python -O``), decided at construction (see
+            :func:`set_default_validate_args`).
 
     Example:
         >>> d = ExpConcrete(torch.tensor([1.0, 0.01]), logits=torch.zeros(1000))
@@ -579,12 +602,15 @@ class Concrete(_ConcreteBase):
         p(y) = (K-1)!\,\tau^{K-1} \prod_{k=1}^K
         \frac{e^{\ell_k} y_k^{-\tau-1}}{\sum_{i=1}^K e^{\ell_i} y_i^{-\tau}},
 
-    computed in log space as ``ExpConcrete.log_prob(log y) - sum(log y)``. At small
-    temperatures many coordinates of a float sample underflow to exactly 0, a point on the
-    boundary where the formula reads ``inf - inf``; ``log_prob`` reads such a coordinate as the
-    smallest normal float (``torch.finfo(dtype).tiny``), the nearest interior point, so the
-    result stays finite. For exact densities at small temperatures use :class:`ExpConcrete`,
-    whose samples never underflow. Same density as
+    computed in log space as ``ExpConcrete.log_prob(log y) - sum(log y)``, term by term. Every
+    nonzero coordinate is read exactly, subnormals included. At small temperatures many
+    coordinates of a float sample underflow to exactly 0, a point on the boundary where the
+    formula reads ``inf - inf``; ``log_prob`` reads such a coordinate as the smallest positive
+    float of the value's dtype (``finfo.tiny * finfo.eps``), the nearest interior point, so the
+    result stays finite and continuous. For densities of the unrounded sample at small
+    temperatures use :class:`ExpConcrete`, whose samples never underflow. The support check
+    accepts a sum within the rounding a genuine sample can have (:func:`_simplex_tolerance`).
+    Same density as
     :class:`torch.distributions.RelaxedOneHotCategorical` where that one is finite; there is
     no closed form for the mean or the entropy.
 
@@ -593,7 +619,9 @@ class Concrete(_ConcreteBase):
             ``logits.shape[:-1]``.
         probs: category probabilities (normalized along the last dimension), or
         logits: unnormalized log-probabilities :math:`\ell` (``-inf`` = impossible).
-        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+        validate_args: check parameters and ``log_prob`` values; ``None`` takes torch's default
+            (on unless ``python -O``), decided at construction (see
+            :func:`set_default_validate_args`).
 
     Example:
         >>> d = Concrete(0.5, logits=torch.tensor([0.0, 1.0, 2.0]))
@@ -711,15 +739,18 @@ class BinaryConcrete(_BinaryBase):
 
     evaluated in a symmetric log-space form that never overflows (torch's
     ``RelaxedBernoulli`` gives ``-inf`` or NaN for large logits or samples that rounded to 0
-    or 1). A value of exactly 0 or 1 is read as the nearest interior float, so ``log_prob``
-    is finite on the whole closed interval. There is no closed form for the mean or the
+    or 1). Values in (0, 1) are read exactly, subnormals included; a value of exactly 0 or 1
+    is read as the nearest interior float of its dtype (the smallest positive float, and
+    ``1 - eps/2``), so ``log_prob`` is finite on the whole closed interval. There is no closed form for the mean or the
     entropy; :meth:`cdf` and :meth:`icdf` are exact.
 
     Args:
         temperature: :math:`\tau > 0`, a float or a tensor broadcastable against ``logits``.
         probs: probability of 1 in (0, 1) (turned into logits exactly), or
         logits: the log-odds :math:`\ell` (finite).
-        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+        validate_args: check parameters and ``log_prob`` values; ``None`` takes torch's default
+            (on unless ``python -O``), decided at construction (see
+            :func:`set_default_validate_args`).
 
     Example:
         >>> d = BinaryConcrete(torch.tensor([[0.1], [1.0]]), logits=torch.tensor([-1.0, 0.0, 2.0]))
@@ -780,7 +811,9 @@ class HardConcrete(_BinaryBase):
         logits: :math:`\ell = \log\alpha`, the location of the underlying Binary Concrete.
         lower: :math:`\gamma < 0`, the lower end of the stretch.
         upper: :math:`\zeta > 1`, the upper end of the stretch.
-        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+        validate_args: check parameters and ``log_prob`` values; ``None`` takes torch's default
+            (on unless ``python -O``), decided at construction (see
+            :func:`set_default_validate_args`).
 
     Example:
         >>> d = HardConcrete(2 / 3, logits=torch.tensor([-3.0, 0.0, 3.0]))
@@ -894,12 +927,17 @@ class PlackettLuce(_Validated):
     stays exact when the first picks hold nearly all the mass. :meth:`log_prob_unordered` gives
     the probability of the set :math:`\{i_1, \dots, i_k\}` in any order, by enumerating the
     :math:`k!` orders (``k <= 8``). Samples are int64 of shape ``sample_shape + batch_shape +
-    (k,)``; there is no ``rsample``.
+    (k,)``; there is no ``rsample``. Finite logits are always possible picks, however far below
+    the others (the stored, normalized logits never overflow to ``-inf``); ``log_prob`` is
+    float32 for half-precision logits.
 
     Args:
         logits: unnormalized log-probabilities ``(..., n)``; ``-inf`` = never picked.
-        k: the number of picks, ``1 <= k <= n`` (default ``n``: a full ranking).
-        validate_args: check parameters and ``log_prob`` values (torch's default: on).
+        k: the number of picks, ``1 <= k <= n`` (default ``n``: a full ranking); with
+            validation, at most the number of finite logits in every row (else ``ValueError``).
+        validate_args: check parameters and ``log_prob`` values; ``None`` takes torch's default
+            (on unless ``python -O``), decided at construction (see
+            :func:`set_default_validate_args`).
 
     Example:
         >>> d = PlackettLuce(torch.log(torch.tensor([0.5, 0.3, 0.2])), k=2)
