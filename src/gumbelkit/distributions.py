@@ -151,24 +151,22 @@ def _validating(validate_args: bool | None) -> bool:
 
 # --- exact logarithms of stored values ----------------------------------------------------------
 
-_SCALE_BITS = 64  # 2**64 lifts every float32/float64 subnormal into the normal range
-
-
 def _log_value(v: torch.Tensor) -> torch.Tensor:
-    """``log(v)`` for ``v >= 0``, exact for subnormal ``v`` as well (``-inf`` at 0, NaN below).
+    """``log(v)`` for ``v >= 0``, exact for subnormal ``v`` too (``-inf`` at 0, NaN below 0).
 
-    A subnormal is multiplied by ``2**64`` (exact) before the logarithm, so a ``log``
-    implementation that flushes subnormal inputs cannot clamp it; gradients stay finite at 0.
+    ``log(c) + log(v / c)`` with ``c = max(v, tiny)``: a normal ``v`` gives ``log(v) + log(1)``
+    exactly; a subnormal one ``log(tiny) + log(v / tiny)``, where the division by a power of two
+    is exact and lands in the normal range, so a ``log`` that flushes subnormal inputs cannot
+    clamp it. Elementwise arithmetic only (no data-dependent mask), the gradient is ``1/v``.
     """
-    small = v < torch.finfo(v.dtype).tiny
-    scaled = torch.where(small, v * 2.0 ** _SCALE_BITS, v)
-    return scaled.log() - small.to(v.dtype) * (_SCALE_BITS * math.log(2.0))
+    c = v.clamp_min(torch.finfo(v.dtype).tiny)
+    return c.log() + (v / c).log()
 
 
-def _log_smallest_subnormal(dtype: torch.dtype) -> float:
-    """``log`` of the smallest positive float of ``dtype``: where an exact 0 is read."""
+def _smallest_subnormal(dtype: torch.dtype) -> float:
+    """The smallest positive float of ``dtype``: where an exact 0 is read."""
     fi = torch.finfo(dtype)
-    return math.log(fi.tiny) + math.log(fi.eps)
+    return fi.tiny * fi.eps
 
 
 def _coarsest_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -522,26 +520,25 @@ class _ConcreteBase(_Tempered):
         logits, tau = _extended(self, sample_shape, self.logits, self.temperature)
         return log_gumbel_softmax(logits, tau.unsqueeze(-1), generator=generator)
 
-    def _exp_log_prob(self, x: torch.Tensor, jacobian: torch.Tensor | None = None) -> torch.Tensor:
-        """The ExpConcrete log-density at ``x`` (log of a point on the simplex), in log space,
-        minus ``sum(jacobian)`` over the possible categories if given (the Concrete's
-        ``sum(log y)``), summed term by term so that no two large sums cancel."""
+    def _exp_log_prob(self, x: torch.Tensor, concrete: bool = False) -> torch.Tensor:
+        """The ExpConcrete log-density at ``x`` (log of a point on the simplex), in log space;
+        with ``concrete``, the Concrete's at ``y = exp(x)``: minus ``sum(x)`` over the possible
+        categories. Summed term by term (each ``score - logsumexp <= 0``), so no two large sums
+        cancel; the caller marks the rows outside the support."""
         cdtype = compute_dtype(torch.promote_types(x.dtype, self.logits.dtype))
         x, logits = x.to(cdtype), self.logits.to(cdtype)
         tau = self.temperature.to(cdtype)
         impossible = logits == _NEG_INF
-        gone = x == _NEG_INF
-        # impossible categories score -inf by themselves; 0 in place of x keeps inf - inf (and
-        # its NaN gradient) out. A coordinate is -inf exactly where its category is impossible;
-        # anywhere else x is outside the support (mass on an impossible category), or at the
-        # limit of the boundary where the density tends to 0: log_prob = -inf either way.
-        score = logits - tau.unsqueeze(-1) * x.masked_fill(gone, 0.0)
+        # impossible categories score -inf by themselves; a -inf coordinate (for a possible
+        # category the boundary, density 0: the caller masks those rows) is read as 0 to keep
+        # inf - inf (and its NaN gradient) out
+        score = logits - tau.unsqueeze(-1) * x.masked_fill(x == _NEG_INF, 0.0)
         n = (~impossible).sum(-1).to(cdtype)
-        terms = score - score.logsumexp(-1, keepdim=True)  # each <= 0: no cancellation in the sum
-        if jacobian is not None:
-            terms = terms - jacobian
-        lp = terms.masked_fill(impossible, 0.0).sum(-1) + torch.lgamma(n) + (n - 1) * tau.log()
-        return lp.masked_fill((gone != impossible).any(-1), _NEG_INF)
+        terms = score - score.logsumexp(-1, keepdim=True)
+        if concrete:
+            terms = terms - x
+        # an impossible category's term is -inf and counts 0
+        return terms.masked_fill(impossible, 0.0).sum(-1) + torch.lgamma(n) + (n - 1) * tau.log()
 
 
 class ExpConcrete(_ConcreteBase):
@@ -588,7 +585,12 @@ class ExpConcrete(_ConcreteBase):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return self._exp_log_prob(value).to(self._out_dtype(value))
+        x = value.to(self._out_dtype(value))
+        # a coordinate is -inf exactly where its category is impossible; anywhere else x is
+        # outside the support (mass on an impossible category) or at the limit of the boundary,
+        # where the density tends to 0: log_prob = -inf either way
+        outside = ((x == _NEG_INF) != (self.logits == _NEG_INF)).any(-1)
+        return self._exp_log_prob(x).masked_fill(outside, _NEG_INF)
 
 
 class Concrete(_ConcreteBase):
@@ -641,18 +643,16 @@ class Concrete(_ConcreteBase):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        cdtype = self._out_dtype(value)
-        y = value.to(cdtype)
-        allowed = self.logits > _NEG_INF
-        zero = y == 0
-        # every nonzero value exactly (subnormals too); an exact 0 of a possible category as the
-        # smallest positive float of the value's dtype, the nearest interior point; an impossible
-        # category only needs to be told apart: 0 (fine) or > 0 (outside the support)
-        log_y = torch.where(zero, _log_smallest_subnormal(value.dtype),
-                            _log_value(torch.where(zero, 1.0, y)))
-        log_y = log_y.masked_fill(~allowed & zero, _NEG_INF)
-        lp = self._exp_log_prob(log_y, log_y.masked_fill(~allowed, 0.0))
-        return lp.masked_fill((y < 0).any(-1), _NEG_INF)
+        y = value.to(self._out_dtype(value))
+        # every nonzero value exactly (subnormals too); an exact 0 as the smallest positive float
+        # of the value's dtype, the nearest interior point (clamping below it changes nothing
+        # else: every positive value of that dtype is at least as large)
+        log_y = _log_value(y.clamp_min(_smallest_subnormal(
+            value.dtype if value.is_floating_point() else y.dtype)))
+        # outside the support: a negative entry, or mass on an impossible category (whose own
+        # term counts 0 whatever its coordinate)
+        outside = (y < 0).any(-1) | ((self.logits == _NEG_INF) & (y != 0)).any(-1)
+        return self._exp_log_prob(log_y, concrete=True).masked_fill(outside, _NEG_INF)
 
 
 # --- Binary Concrete and Hard Concrete -----------------------------------------------------------
@@ -697,12 +697,10 @@ class _BinaryBase(_Tempered):
         cdtype = compute_dtype(torch.promote_types(s.dtype, self.logits.dtype))
         s = s.to(cdtype)
         outside = (s < 0) | (s > 1)
-        one = s >= 1
-        log_s = torch.where(s <= 0, _log_smallest_subnormal(dtype),
-                            torch.where(one, math.log1p(-torch.finfo(dtype).eps / 2),
-                                        _log_value(torch.where((s <= 0) | one, 0.5, s))))
-        log_1ms = torch.where(one, math.log(torch.finfo(dtype).eps / 2),
-                              torch.log1p(-torch.where(one, 0.5, s).clamp_min(0.0)))
+        # no float of ``dtype`` lies strictly between 0 and the smallest one, or between
+        # 1 - eps/2 and 1: clamping moves only 0 and 1 (and points outside, masked below)
+        s = s.clamp(_smallest_subnormal(dtype), 1.0 - torch.finfo(dtype).eps / 2)
+        log_s, log_1ms = _log_value(s), torch.log1p(-s)
         tau = self.temperature.to(cdtype)
         u = (tau * (log_s - log_1ms) - self.logits.to(cdtype)).abs()
         lp = tau.log() - u - 2 * torch.log1p(torch.exp(-u)) - log_s - log_1ms
@@ -770,7 +768,8 @@ class BinaryConcrete(_BinaryBase):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return self._s_log_prob(value, value.dtype).to(self._out_dtype(value))
+        dtype = self._out_dtype(value)
+        return self._s_log_prob(value, value.dtype if value.is_floating_point() else dtype).to(dtype)
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
