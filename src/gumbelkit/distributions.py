@@ -245,7 +245,8 @@ def _simplex_tolerance(v: torch.Tensor, log_v: torch.Tensor, dtypes: tuple[torch
     """
     eps_d, sub_d, tiny_d, eps_c = _coarsest(v.dtype, *dtypes)
     k = v.shape[-1]
-    weight = torch.where(v > 0, v * (1 - log_v.clamp(max=0.0)), 0.0).sum(-1)
+    # log_v finite (clamped) so that an entry of 0 weighs 0 * finite = 0
+    weight = (v * (1 - log_v.clamp(torch.finfo(v.dtype).min, 0.0))).sum(-1)
     n_small = (v < tiny_d).sum(-1).to(v.dtype)
     tol = (eps_d / 2 + eps_c) * weight + (sub_d / 2) * n_small + eps_c * (k / 16 + 2)
     return tol.clamp_min(_TORCH_SIMPLEX_TOL)
