@@ -491,3 +491,10 @@ def test_log_prob_with_validation_compiles_and_still_raises():
     torch.testing.assert_close(compiled(l, y), fn(l, y))
     with pytest.raises(ValueError, match="outside the support"):
         compiled(l, y * 2)
+    # the default (validate_args=None) inside a compiled function: still torch's documented
+    # default, not the False that torch.compile wrote into Distribution._validate_args
+    torch._dynamo.reset()
+    default = torch.compile(lambda l, y: Concrete(0.5, logits=l).log_prob(y))
+    torch.testing.assert_close(default(l, y), fn(l, y))
+    with pytest.raises(ValueError, match="outside the support"):
+        default(l, y * 2)
