@@ -23,6 +23,9 @@ F64 = torch.float64
 NEG_INF = float("-inf")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 HALF = (torch.float16, torch.bfloat16)
+# dynamo traces (fullgraph: no graph break) and AOT autograd checks the graph, without the
+# cost of inductor's code generation; the log_prob test also runs inductor
+BACKEND = "aot_eager"
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -418,7 +421,7 @@ def test_validate_args_explicit_and_torch_default_decided_at_construction(restor
 def test_validate_args_survive_torch_compile_flipping_torchs_default(restore_defaults):
     z = torch.zeros(3)
     td.Distribution.set_default_validate_args(True)
-    torch.compile(lambda t: t + 1)  # dynamo's TorchPatcher sets torch's default to False for good
+    torch.compile(lambda t: t + 1, backend=BACKEND)  # dynamo's TorchPatcher: torch's default False for good
     assert td.Distribution._validate_args is False
     assert _validates(Concrete(1.0, logits=z))  # still torch's documented default: on
     with pytest.raises(ValueError, match="temperature"):
@@ -453,19 +456,21 @@ def _log_prob_cases():
     }, (l, y, s)
 
 
+@pytest.mark.parametrize("backend", [BACKEND, "inductor"])
 @pytest.mark.parametrize("name", ["Concrete", "ExpConcrete", "BinaryConcrete", "HardConcrete", "PlackettLuce"])
-def test_log_prob_compiles_fullgraph_without_validation(name):
+def test_log_prob_compiles_fullgraph_without_validation(name, backend):
     cases, args = _log_prob_cases()
     fn = cases[name]
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args))
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend=backend)(*args), fn(*args))
 
 
 @pytest.mark.parametrize("cls", [BinaryConcrete, HardConcrete])
 def test_binary_rsample_compiles_fullgraph_without_validation(cls):
     l = torch.randn(4, 5, generator=gen(10))
     torch._dynamo.reset()
-    out = torch.compile(lambda l: cls(0.5, logits=l, validate_args=False).rsample((2,)), fullgraph=True)(l)
+    out = torch.compile(lambda l: cls(0.5, logits=l, validate_args=False).rsample((2,)), fullgraph=True,
+                        backend=BACKEND)(l)
     assert out.shape == (2, 4, 5) and ((out >= 0) & (out <= 1)).all()
 
 
@@ -475,7 +480,8 @@ def test_binary_rsample_compiles_fullgraph_without_validation(cls):
 def test_concrete_rsample_compiles_fullgraph_without_validation():
     l = torch.randn(4, 5, generator=gen(11))
     torch._dynamo.reset()
-    y = torch.compile(lambda l: Concrete(0.5, logits=l, validate_args=False).rsample(), fullgraph=True)(l)
+    y = torch.compile(lambda l: Concrete(0.5, logits=l, validate_args=False).rsample(), fullgraph=True,
+                      backend=BACKEND)(l)
     assert y.shape == (4, 5) and torch.allclose(y.sum(-1), torch.ones(4))
 
 
@@ -487,14 +493,14 @@ def test_log_prob_with_validation_compiles_and_still_raises():
         return Concrete(0.5, logits=l, validate_args=True).log_prob(y)
 
     torch._dynamo.reset()
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, backend=BACKEND)
     torch.testing.assert_close(compiled(l, y), fn(l, y))
     with pytest.raises(ValueError, match="outside the support"):
         compiled(l, y * 2)
     # the default (validate_args=None) inside a compiled function: still torch's documented
     # default, not the False that torch.compile wrote into Distribution._validate_args
     torch._dynamo.reset()
-    default = torch.compile(lambda l, y: Concrete(0.5, logits=l).log_prob(y))
+    default = torch.compile(lambda l, y: Concrete(0.5, logits=l).log_prob(y), backend=BACKEND)
     torch.testing.assert_close(default(l, y), fn(l, y))
     with pytest.raises(ValueError, match="outside the support"):
         default(l, y * 2)
