@@ -318,14 +318,15 @@ def test_issue_off_support_points_are_rejected():
 
 
 def _nudge(y: torch.Tensor, delta: float) -> torch.Tensor:
-    """``y`` with one entry moved so that the stored sum is ``1 + delta`` (float64); the entry
-    nearest ``delta`` in size, whose spacing is fine enough to hit the target."""
+    """``y`` with one entry moved so that the stored sum is ``1 + delta`` (float64): the entry
+    nearest twice the change in size, which stays positive and is spaced finely enough."""
     y64 = y.double()
-    i = (y64 - delta).abs().argmin(-1, keepdim=True)
+    err = 1 + delta - y64.sum(-1, keepdim=True)
+    i = (y64 - 2 * err.abs()).abs().argmin(-1, keepdim=True)
     for _ in range(3):  # rounding of the moved entry: correct twice
-        err = 1 + delta - y.double().sum(-1, keepdim=True)
         y = y64.scatter_add(-1, i, err).to(y.dtype)
         y64 = y.double()
+        err = 1 + delta - y64.sum(-1, keepdim=True)
     return y
 
 
