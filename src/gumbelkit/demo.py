@@ -444,18 +444,45 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100)
 
 
-def _image_grid(fig: Any, rows: list[torch.Tensor], shape: tuple[int, int], labels: list[str]) -> None:
+def _mosaic(rows: list[torch.Tensor], shape: tuple[int, int], gap: int = 1) -> torch.Tensor:
+    """One image of ``len(rows)`` rows of ``rows[r].shape[0]`` images each, ``gap`` pixels apart
+    (the gaps are blank, i.e. 0 on the gray_r scale)."""
+    h, w = shape
     cols = rows[0].shape[0]
-    axes = fig.subplots(len(rows), cols, squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, labels, strict=True)):
+    canvas = torch.zeros(len(rows) * (h + gap) + gap, cols * (w + gap) + gap)
+    for r, images in enumerate(rows):
         for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(images[c].reshape(shape).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if label:
-            axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.12, right=0.99, top=0.9, bottom=0.02)
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y:y + h, x:x + w] = images[c].reshape(shape).float().cpu()
+    return canvas
+
+
+def _save_mosaic(rows: list[torch.Tensor], shape: tuple[int, int], labels: list[str], title: str,
+                 path: Path, inches_per_image: float = 0.55) -> None:
+    """The images as one picture with a frame around each, the row labels left, no margins."""
+    mosaic = _mosaic(rows, shape)
+    h, w = mosaic.shape
+    scale = inches_per_image / (shape[1] + 1)
+    fig = _figure(w * scale + (0.9 if any(labels) else 0.1), h * scale + 0.45)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    step = shape[0] + 1
+    ax.set_yticks([1 + step * r + shape[0] / 2 - 0.5 for r in range(len(rows))], labels)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    for r in range(len(rows)):  # a light frame around each image
+        for c in range(rows[0].shape[0]):
+            ax.add_patch(_rectangle(c * (shape[1] + 1) + 0.5, r * step + 0.5, shape[1], shape[0]))
+    ax.set_title(title)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)
+
+
+def _rectangle(x: float, y: float, w: float, h: float) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, fill=False, edgecolor="0.75", linewidth=0.6)
 
 
 def _moving_average(values: list[float], width: int) -> list[float]:
@@ -467,22 +494,34 @@ def _moving_average(values: list[float], width: int) -> list[float]:
 
 
 def _plot_curves(history: History, path: Path, title: str) -> None:
-    """Training loss and -ELBO (moving averages over the raw batch values) and tau per step."""
-    fig = _figure(10, 3.6)
-    ax, ax_tau = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    """Three panels over the steps: the training loss, the -ELBO of the discrete codes (each raw
+    and as a moving average, on the same y scale) and the temperature. Separate panels, because
+    for straight-through estimators the two curves are identical and would hide each other."""
+    fig = _figure(12, 3.6)
+    axes = fig.subplots(1, 3, sharex=True)
     width = max(1, len(history.step) // 50)
-    for name, values, color, style in (("training loss", history.loss, "tab:blue", "-"),
-                                       ("-ELBO (discrete z)", history.neg_elbo, "tab:orange", "--")):
-        ax.plot(history.step, values, color=color, alpha=0.2, linewidth=0.5)
-        ax.plot(history.step, _moving_average(values, width), color=color, linestyle=style,
-                label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per image")
-    ax.set_title(title)
-    ax.legend()
-    ax_tau.plot(history.step, history.tau, color="tab:green")
-    ax_tau.set_xlabel("step")
-    ax_tau.set_ylabel("temperature tau")
+    same = history.loss == history.neg_elbo
+    panels = (("training loss" + (" (= -ELBO for this estimator)" if same else ""), history.loss, "tab:blue"),
+              ("-ELBO of the discrete codes", history.neg_elbo, "tab:orange"))
+    for ax, (name, values, color) in zip(axes[:2], panels, strict=True):
+        ax.plot(history.step, values, color=color, alpha=0.25, linewidth=0.6, label="per batch")
+        ax.plot(history.step, _moving_average(values, width), color=color, linewidth=1.6,
+                label=f"moving average ({width} steps)")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("nats per image")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    low = min(min(history.loss), min(history.neg_elbo))
+    high = max(max(history.loss), max(history.neg_elbo))
+    pad = 0.03 * (high - low or 1.0)
+    for ax in axes[:2]:
+        ax.set_ylim(low - pad, high + pad)
+    axes[2].plot(history.step, history.tau, color="tab:green")
+    axes[2].set_title("temperature tau", fontsize=10)
+    axes[2].grid(True, alpha=0.3)
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -494,10 +533,8 @@ def _plot_reconstructions(model: CategoricalVAE, x: torch.Tensor, shape: tuple[i
     model.eval()
     codes = F.one_hot(model.encode(x).argmax(-1), model.n_classes).to(x.dtype)
     recon = torch.sigmoid(model.decode(codes))
-    fig = _figure(x.shape[0] * 0.6 + 1, 2.4)
-    _image_grid(fig, [x, recon], shape, ["input", "recon."])
-    fig.suptitle("test images and reconstructions")
-    fig.savefig(path)
+    _save_mosaic([x, recon], shape, ["input", "reconstruction"],
+                 "test images and their reconstructions (most likely code)", path)
 
 
 @torch.no_grad()
@@ -508,10 +545,8 @@ def _plot_samples(model: CategoricalVAE, shape: tuple[int, int], path: Path, *, 
     device = next(model.parameters()).device
     codes = model.sample_prior(rows * cols, generator=torch.Generator(device).manual_seed(seed))
     images = torch.sigmoid(model.decode(codes)).view(rows, cols, -1)
-    fig = _figure(cols * 0.6 + 0.4, rows * 0.6 + 0.6)
-    _image_grid(fig, list(images), shape, [""] * rows)
-    fig.suptitle("decoded from codes drawn from the prior")
-    fig.savefig(path)
+    _save_mosaic(list(images), shape, [""] * rows, "decoded from codes drawn from the uniform prior",
+                 path)
 
 
 # ----------------------------------------------------------------------------- the demo
