@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,11 +427,18 @@ def _resumed_config(path: Path, saved: dict[str, Any], given: dict[str, Any]) ->
 
 
 def _restore(path: Path, state: dict[str, Any], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+             optimizer: torch.optim.Optimizer, generator: torch.Generator,
+             info: _ddp.DistInfo, seed: int) -> None:
+    """Model, optimizer and noise generator from the checkpoint. The checkpoint holds rank 0's
+    generator only: under torchrun every rank instead reseeds from (seed, rank, step), so the
+    ranks keep drawing independent noise (the run then differs from an uninterrupted one)."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        if info.distributed:
+            generator.manual_seed(zlib.crc32(f"resume {seed} {info.rank} {state['step']}".encode()))
+        else:
+            generator.set_state(state["generator"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise _bad_checkpoint(path, f"its tensors do not fit the model: {' '.join(str(err).split())[:300]}"
                               ) from err
@@ -718,7 +726,7 @@ def _run_demo(config: DemoConfig, *, state: dict[str, Any] | None, plots: bool,
     generator = _ddp.rank_generator(config.seed, info)  # seed + rank: independent noise per rank
     history, train_time = History(), 0.0
     if state is not None:
-        _restore(ckpt_path, state, model, optimizer, generator)
+        _restore(ckpt_path, state, model, optimizer, generator, info, config.seed)
         history = History(**state["history"])
         train_time = state["train_time_s"]
 
