@@ -313,3 +313,20 @@ def test_resume_without_settings_continues_to_the_original_target(tmp_path):
     assert m["resumed_from_step"] == step and len(m["steps"]) == 1500  # not the default 6000
     assert m["config"]["importance_samples"] == 3 and m["config"]["seed"] == 5
     assert m["config"]["hidden"] == [32] and m["config"]["checkpoint_every"] == 20
+
+
+def test_cli_docstring_examples(capsys):
+    import doctest
+
+    import gumbelkit.cli
+
+    result = doctest.testmod(gumbelkit.cli, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+    assert "--steps must be a positive int" in capsys.readouterr().err
+
+
+def test_resume_command_appends_resume_once():
+    from gumbelkit.cli import _resume_command
+
+    assert _resume_command(["demo", "--out", "a b"]) == "gumbelkit demo --out 'a b' --resume"
+    assert _resume_command(["demo", "--resume"]) == "gumbelkit demo --resume"

@@ -246,7 +246,10 @@ def plot(rows: Sequence[Row], problems: Sequence[Problem], labels: dict[str, str
                 ax.set_title(problem.name)
             else:
                 ax.set_xlabel("tau")
-    axes[0][0].legend(fontsize=8)
+    # one legend for all panels, below them, where it hides no data
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5), fontsize=9,
+               frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
