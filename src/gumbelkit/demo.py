@@ -70,8 +70,9 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "gumbelkit-demo-1"
 _INSTALL_HINT = "pip install 'gumbelkit[demo]'"
 # settings that may differ between a checkpoint and the run that resumes it
+# (data_dir: the same files may have moved)
 RESUMABLE = ("steps", "out", "device", "quiet", "importance_samples", "checkpoint_every", "threads",
-             "dist_timeout")
+             "dist_timeout", "data_dir")
 
 
 @dataclass
