@@ -227,6 +227,10 @@ def test_demo_writes_every_file_with_sane_contents(demo_run):
         img = mpimg.imread(demo_run / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
         assert img.std() > 0.01  # not a blank canvas
+        ink = (img[..., :3] < 0.98).any(-1)  # pixels that are not (near) white
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        assert rows[-1] - rows[0] > 0.9 * img.shape[0] and cols[-1] - cols[0] > 0.9 * img.shape[1], name
+    assert m["images"] == ["curves.png", "reconstructions.png", "samples.png"]
     ckpt = torch.load(demo_run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 40 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
 

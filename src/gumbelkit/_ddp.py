@@ -23,6 +23,7 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "DistributedSetupError",
     "cleanup",
     "init_from_env",
     "local_batch",
@@ -34,6 +35,20 @@ __all__ = [
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSetupError(RuntimeError):
+    """The process group cannot form (a rank never joined, or torchrun's variables are missing).
+
+    The message is one line: the ``gumbelkit`` command prints it as its error.
+    """
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``err``'s message (c10d errors carry a multi-line trace)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DistInfo(NamedTuple):
@@ -74,7 +89,7 @@ def init_from_env(
         return DistInfo(device=torch.device(device or "cpu"))
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise DistributedSetupError(
             f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with "
             "torchrun --nproc_per_node N, which sets all of " + ", ".join(_ENV)
         )
@@ -95,9 +110,11 @@ def init_from_env(
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         except (RuntimeError, dist.DistError) as err:
             addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            raise RuntimeError(
+            raise DistributedSetupError(
                 f"rank {rank}: the {backend} group of {world} ranks at {addr} did not form "
-                f"within {timeout:g} s ({type(err).__name__}: {err})"
+                f"within {timeout:g} s: a rank never joined or cannot reach {addr} "
+                f"({type(err).__name__}: {_first_line(err)}); start all ranks with torchrun, or "
+                "raise --dist-timeout"
             ) from err
     return DistInfo(rank, world, local, dev)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -245,16 +246,21 @@ def plot(rows: Sequence[Row], problems: Sequence[Problem], labels: dict[str, str
                 ax.set_title(problem.name)
             else:
                 ax.set_xlabel("tau")
-    axes[0][0].legend(fontsize=8)
+    # one legend for all panels, below them, where it hides no data
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5), fontsize=9,
+               frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``gumbelkit estimators`` (and of ``benchmarks/estimator_bias.py``)."""
-    parser.add_argument("--out", type=Path, default=Path("docs"),
+def add_arguments(parser: argparse.ArgumentParser, default_out: Path = Path("docs")) -> None:
+    """The options of ``gumbelkit estimators`` (default ``--out gumbelkit-estimators``, a fresh
+    directory) and of ``benchmarks/estimator_bias.py`` (default ``docs``, run from the repository
+    to regenerate its pages)."""
+    parser.add_argument("--out", type=Path, default=default_out,
                         help="directory for estimators_bias.md and images/estimators_bias.png "
-                             "(default: docs)")
+                             f"(default: {default_out})")
     parser.add_argument("--draws", type=int, default=10_000,
                         help="gradient estimates per method and temperature (default: 10000)")
     parser.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS),
@@ -269,12 +275,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the matplotlib figure")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, write the markdown table (and the plot); return an exit status."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every option checked before any work, and ``--out`` created and probed for writing.
+
+    Raises:
+        ValueError: an option out of range or an unwritable ``--out`` (the option is named).
+    """
     if args.draws < 2:
         raise ValueError(f"--draws must be >= 2, got {args.draws}")
+    if args.n_samples < 1:
+        raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
     if args.n_samples < 2 and "rloo" in args.methods:
-        raise ValueError("--n-samples must be >= 2 for rloo (the leave-one-out baseline)")
+        raise ValueError(f"--n-samples must be >= 2 for rloo (its baseline for each sample is the "
+                         f"mean loss of the others), got {args.n_samples}")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if not all(math.isfinite(t) and t > 0 for t in args.taus):
+        raise ValueError(f"--taus must be positive finite numbers, got {args.taus}")
+    if not (math.isfinite(args.gap) and args.gap > 0):
+        raise ValueError(f"--gap must be a positive finite number, got {args.gap}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be an int from 0 to 2**63 - 1, got {args.seed}")
+    out = Path(args.out)
+    try:
+        (out if args.no_plot else out / "images").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".gumbelkit-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out} is not a writable directory ({err.strerror or err}); "
+                         "pass an --out you can write to") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark, write the markdown table (and the plot); return an exit status."""
+    check_arguments(args)
     from rich.console import Console  # lazy: rich is an optional dependency
     from rich.progress import Progress
 

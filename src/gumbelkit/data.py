@@ -131,6 +131,11 @@ def load_mnist(data_dir: str | Path, *, binarize: bool = True) -> Dataset:
 
     Pixels are scaled to ``[0, 1]`` and, with ``binarize``, thresholded at 0.5. Uses the
     standard 60 000 / 10 000 train/test split.
+
+    Raises:
+        FileNotFoundError: ``data_dir`` or one of the four files is missing.
+        ValueError: a file is damaged or not IDX, labels and images disagree, the image sizes of
+            the splits differ, or a split holds 0 images; the message names the file.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -139,6 +144,9 @@ def load_mnist(data_dir: str | Path, *, binarize: bool = True) -> Dataset:
     out, shapes = {}, {}
     for split in ("train", "test"):
         x, shapes[split] = _images(paths[f"{split}_images"], binarize)
+        if x.shape[0] == 0:
+            raise ValueError(f"{paths[f'{split}_images']}: holds 0 images; the demo needs at least one "
+                             f"{'training' if split == 'train' else 'test'} image")
         y = read_idx(paths[f"{split}_labels"])
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"{paths[f'{split}_labels']}: expected {x.shape[0]} labels (one per image "

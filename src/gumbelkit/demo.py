@@ -18,10 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +52,12 @@ __all__ = [
     "ClassifyConfig",
     "DemoConfig",
     "History",
+    "TrainingInterrupted",
     "available_estimators",
     "build",
     "evaluate",
     "make_schedule",
+    "read_checkpoint",
     "run_classify",
     "run_demo",
     "sample_latent",
@@ -59,9 +67,12 @@ __all__ = [
 BUILTIN_ESTIMATORS = ("st-gs", "soft")
 SCHEDULES = ("exponential", "constant", "linear", "cosine")
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "gumbelkit-demo-1"
+_INSTALL_HINT = "pip install 'gumbelkit[demo]'"
 # settings that may differ between a checkpoint and the run that resumes it
+# (data_dir: the same files may have moved)
 RESUMABLE = ("steps", "out", "device", "quiet", "importance_samples", "checkpoint_every", "threads",
-             "dist_timeout")
+             "dist_timeout", "data_dir")
 
 
 @dataclass
@@ -107,6 +118,21 @@ class DemoConfig:
             raise ValueError(f"--data must be one of {DATASETS}, got {self.data!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check_seed(self.seed)
+        if self.estimator == "rloo" and self.samples < 2:
+            raise ValueError(f"--estimator rloo needs --samples 2 or more (its baseline for each "
+                             f"sample is the mean loss of the others), got --samples {self.samples}")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise ValueError(f"--data-dir must be a path, got {self.data_dir!r}")
+
+
+SEED_MAX = 2**63 - 1
+
+
+def _check_seed(seed: object) -> None:
+    """Seeds go to ``torch.Generator.manual_seed`` (with small offsets): 0 .. 2**63 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an int from 0 to 2**63 - 1 ({SEED_MAX}), got {seed!r}")
 
 
 def _check_fields(config: object, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
@@ -303,10 +329,21 @@ def evaluate(model: CategoricalVAE, x: torch.Tensor, *, m: int, seed: int,
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after step ``step`` (1-based count); ``checkpoint`` holds the state
+    after that step, so ``--resume`` continues exactly where the run stopped."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; saved {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      generator: torch.Generator, config: DemoConfig, history: History,
                      train_time: float) -> None:
     state = {
+        "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": len(history.step),
@@ -315,27 +352,97 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         "history": dataclasses.asdict(history),
         "train_time_s": train_time,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    except (OSError, RuntimeError) as err:  # torch.save reports an unwritable path as RuntimeError
+        raise OSError(f"cannot write the checkpoint {path} ({' '.join(str(err).split())}); "
+                      "check that --out is writable and has free space") from err
 
 
-def _load_checkpoint(path: Path, config: DemoConfig, explicit: set[str]) -> dict[str, Any]:
+def _bad_checkpoint(path: Path, why: str) -> ValueError:
+    return ValueError(f"--resume: cannot read the checkpoint {path} ({why}); it is damaged or not a "
+                      "gumbelkit demo checkpoint: remove it or use another --out")
+
+
+_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": int, "generator": torch.Tensor,
+                    "config": dict, "history": dict, "train_time_s": float}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a ``gumbelkit demo`` checkpoint (with ``torch.load(weights_only=True)``) and check
+    its structure: the keys and their types, a config that :class:`DemoConfig` accepts, and a
+    history as long as the step count.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file is empty, truncated, not a torch file, or a torch file of another
+            structure; the message starts with ``--resume: cannot read the checkpoint PATH``.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume first "
                                 "(or pass the --out directory of an earlier run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["config"]
-    except Exception as err:  # a damaged or foreign file: say which one
-        raise ValueError(f"--resume: cannot read the checkpoint {path} ({err}); remove it or "
-                         "use a new --out") from err
-    for name in explicit - set(RESUMABLE):
-        value = getattr(config, name)
-        if (list(value) if isinstance(value, tuple) else value) != saved[name]:
-            raise ValueError(f"--resume: the checkpoint {path} was trained with {name}={saved[name]!r} "
-                             f"but {name}={value!r} was given; use the same value or a new --out")
+    except Exception as err:  # every failure of a foreign file means the same
+        why = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
+        raise _bad_checkpoint(path, " ".join(why.split())[:300]) from err
+    if not isinstance(state, dict):
+        raise _bad_checkpoint(path, f"it holds a {type(state).__name__}, not a dict")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise _bad_checkpoint(path, f"no {key!r} entry of type {kind.__name__}")
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    unknown = set(state["config"]) - names
+    if unknown:
+        raise _bad_checkpoint(path, f"unknown settings {sorted(unknown)}")
+    try:
+        saved = dict(state["config"])
+        if isinstance(saved.get("hidden"), list):
+            saved["hidden"] = tuple(saved["hidden"])
+        state["config"] = dataclasses.asdict(DemoConfig(**saved))
+        history = History(**state["history"])
+    except (TypeError, ValueError) as err:
+        raise _bad_checkpoint(path, f"invalid settings or history: {err}") from err
+    lengths = {len(getattr(history, f.name)) for f in dataclasses.fields(History)}
+    if lengths != {state["step"]}:
+        raise _bad_checkpoint(path, f"the history does not match step {state['step']}")
     return state
+
+
+def _resumed_config(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> DemoConfig:
+    """The checkpoint's settings with those given on the command line put in; a given setting
+    that would change the trained model (anything outside ``RESUMABLE``) must equal the saved one."""
+    for name, value in given.items():
+        if name in RESUMABLE:
+            continue
+        old = saved[name]
+        same = tuple(value) == tuple(old) if name == "hidden" else value == old
+        if not same:
+            shown = tuple(value) if name == "hidden" else value
+            raise ValueError(f"--resume: the checkpoint {path} was trained with {name}={old!r} "
+                             f"but {name}={shown!r} was given; use the same value or a new --out")
+    return DemoConfig(**{**saved, **given, "out": str(path.parent)})
+
+
+def _restore(path: Path, state: dict[str, Any], model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, generator: torch.Generator,
+             info: _ddp.DistInfo, seed: int) -> None:
+    """Model, optimizer and noise generator from the checkpoint. The checkpoint holds rank 0's
+    generator only: under torchrun every rank instead reseeds from (seed, rank, step), so the
+    ranks keep drawing independent noise (the run then differs from an uninterrupted one)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if info.distributed:
+            generator.manual_seed(zlib.crc32(f"resume {seed} {info.rank} {state['step']}".encode()))
+        else:
+            generator.set_state(state["generator"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise _bad_checkpoint(path, f"its tensors do not fit the model: {' '.join(str(err).split())[:300]}"
+                              ) from err
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -346,18 +453,45 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100)
 
 
-def _image_grid(fig: Any, rows: list[torch.Tensor], shape: tuple[int, int], labels: list[str]) -> None:
+def _mosaic(rows: list[torch.Tensor], shape: tuple[int, int], gap: int = 1) -> torch.Tensor:
+    """One image of ``len(rows)`` rows of ``rows[r].shape[0]`` images each, ``gap`` pixels apart
+    (the gaps are blank, i.e. 0 on the gray_r scale)."""
+    h, w = shape
     cols = rows[0].shape[0]
-    axes = fig.subplots(len(rows), cols, squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, labels, strict=True)):
+    canvas = torch.zeros(len(rows) * (h + gap) + gap, cols * (w + gap) + gap)
+    for r, images in enumerate(rows):
         for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(images[c].reshape(shape).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if label:
-            axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.12, right=0.99, top=0.9, bottom=0.02)
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y:y + h, x:x + w] = images[c].reshape(shape).float().cpu()
+    return canvas
+
+
+def _save_mosaic(rows: list[torch.Tensor], shape: tuple[int, int], labels: list[str], title: str,
+                 path: Path, inches_per_image: float = 0.55) -> None:
+    """The images as one picture with a frame around each, the row labels left, no margins."""
+    mosaic = _mosaic(rows, shape)
+    h, w = mosaic.shape
+    scale = inches_per_image / (shape[1] + 1)
+    fig = _figure(w * scale + (0.9 if any(labels) else 0.1), h * scale + 0.45)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    step = shape[0] + 1
+    ax.set_yticks([1 + step * r + shape[0] / 2 - 0.5 for r in range(len(rows))], labels)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    for r in range(len(rows)):  # a light frame around each image
+        for c in range(rows[0].shape[0]):
+            ax.add_patch(_rectangle(c * (shape[1] + 1) + 0.5, r * step + 0.5, shape[1], shape[0]))
+    ax.set_title(title)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)
+
+
+def _rectangle(x: float, y: float, w: float, h: float) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, fill=False, edgecolor="0.75", linewidth=0.6)
 
 
 def _moving_average(values: list[float], width: int) -> list[float]:
@@ -369,22 +503,34 @@ def _moving_average(values: list[float], width: int) -> list[float]:
 
 
 def _plot_curves(history: History, path: Path, title: str) -> None:
-    """Training loss and -ELBO (moving averages over the raw batch values) and tau per step."""
-    fig = _figure(10, 3.6)
-    ax, ax_tau = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    """Three panels over the steps: the training loss, the -ELBO of the discrete codes (each raw
+    and as a moving average, on the same y scale) and the temperature. Separate panels, because
+    for straight-through estimators the two curves are identical and would hide each other."""
+    fig = _figure(12, 3.6)
+    axes = fig.subplots(1, 3, sharex=True)
     width = max(1, len(history.step) // 50)
-    for name, values, color, style in (("training loss", history.loss, "tab:blue", "-"),
-                                       ("-ELBO (discrete z)", history.neg_elbo, "tab:orange", "--")):
-        ax.plot(history.step, values, color=color, alpha=0.2, linewidth=0.5)
-        ax.plot(history.step, _moving_average(values, width), color=color, linestyle=style,
-                label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per image")
-    ax.set_title(title)
-    ax.legend()
-    ax_tau.plot(history.step, history.tau, color="tab:green")
-    ax_tau.set_xlabel("step")
-    ax_tau.set_ylabel("temperature tau")
+    same = history.loss == history.neg_elbo
+    panels = (("training loss" + (" (= -ELBO for this estimator)" if same else ""), history.loss, "tab:blue"),
+              ("-ELBO of the discrete codes", history.neg_elbo, "tab:orange"))
+    for ax, (name, values, color) in zip(axes[:2], panels, strict=True):
+        ax.plot(history.step, values, color=color, alpha=0.25, linewidth=0.6, label="per batch")
+        ax.plot(history.step, _moving_average(values, width), color=color, linewidth=1.6,
+                label=f"moving average ({width} steps)")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("nats per image")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    low = min(min(history.loss), min(history.neg_elbo))
+    high = max(max(history.loss), max(history.neg_elbo))
+    pad = 0.03 * (high - low or 1.0)
+    for ax in axes[:2]:
+        ax.set_ylim(low - pad, high + pad)
+    axes[2].plot(history.step, history.tau, color="tab:green")
+    axes[2].set_title("temperature tau", fontsize=10)
+    axes[2].grid(True, alpha=0.3)
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -396,10 +542,8 @@ def _plot_reconstructions(model: CategoricalVAE, x: torch.Tensor, shape: tuple[i
     model.eval()
     codes = F.one_hot(model.encode(x).argmax(-1), model.n_classes).to(x.dtype)
     recon = torch.sigmoid(model.decode(codes))
-    fig = _figure(x.shape[0] * 0.6 + 1, 2.4)
-    _image_grid(fig, [x, recon], shape, ["input", "recon."])
-    fig.suptitle("test images and reconstructions")
-    fig.savefig(path)
+    _save_mosaic([x, recon], shape, ["input", "reconstruction"],
+                 "test images and their reconstructions (most likely code)", path)
 
 
 @torch.no_grad()
@@ -410,10 +554,8 @@ def _plot_samples(model: CategoricalVAE, shape: tuple[int, int], path: Path, *, 
     device = next(model.parameters()).device
     codes = model.sample_prior(rows * cols, generator=torch.Generator(device).manual_seed(seed))
     images = torch.sigmoid(model.decode(codes)).view(rows, cols, -1)
-    fig = _figure(cols * 0.6 + 0.4, rows * 0.6 + 0.6)
-    _image_grid(fig, list(images), shape, [""] * rows)
-    fig.suptitle("decoded from codes drawn from the prior")
-    fig.savefig(path)
+    _save_mosaic(list(images), shape, [""] * rows, "decoded from codes drawn from the uniform prior",
+                 path)
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -446,13 +588,30 @@ def _progress(console: Any, quiet: bool) -> Any:
     )
 
 
-def run_demo(config: DemoConfig, *, resume: bool = False, explicit: set[str] | None = None,
+def run_demo(config: DemoConfig | None = None, *, resume: bool = False,
+             given: dict[str, Any] | None = None, plots: bool | None = None,
              console: Any = None) -> dict[str, Any]:
     """Train (or continue), evaluate, and write every output file; returns the metrics dict.
 
-    ``explicit`` names the settings the user gave on the command line; with ``resume`` they
-    must agree with the checkpoint's (except those in ``RESUMABLE``), and the others are taken
-    from the checkpoint. Runs with ``config.threads`` torch threads.
+    Without ``resume``, ``config`` holds the settings. With ``resume``, the run continues from
+    ``OUT/checkpoint.pt`` (``OUT`` is ``given["out"]``, else ``config.out``, else the default):
+    ``given`` names the settings the user gave (default: the fields of ``config`` that differ
+    from :class:`DemoConfig`'s defaults); the others come from the checkpoint, ``steps``
+    included (so a resumed run trains to its original target), and a given setting outside
+    ``RESUMABLE`` must agree with the checkpoint's.
+
+    Everything checkable is checked before training: the settings, the device, that ``out`` is
+    a writable directory, the checkpoint, and that the data set has training and test images.
+    ``plots=False`` (default: whether matplotlib is installed) skips the PNGs; metrics.json
+    and the checkpoint are written either way. Ctrl-C during training finishes the current
+    step, saves the checkpoint and raises :class:`TrainingInterrupted`. Runs with
+    ``config.threads`` torch threads.
+
+    Raises:
+        ValueError: bad settings, a checkpoint that cannot be read or does not match, an
+            unwritable ``out``, an empty data set.
+        FileNotFoundError: a missing checkpoint (with ``resume``) or data file.
+        TrainingInterrupted: Ctrl-C during training (after saving the checkpoint).
 
     Example:
         >>> import tempfile
@@ -464,12 +623,79 @@ def run_demo(config: DemoConfig, *, resume: bool = False, explicit: set[str] | N
         ['checkpoint.pt', 'curves.png', 'metrics.json', 'reconstructions.png', 'samples.png']
         >>> sorted(metrics["final"])
         ['test_importance_bound', 'test_neg_elbo', 'train_neg_elbo']
+        >>> run_demo(resume=True, given={"out": out, "steps": 30})["resumed_from_step"]
+        20
     """
+    state = None
+    if resume:
+        if given is None:
+            defaults = DemoConfig()
+            given = {f.name: getattr(config, f.name) for f in dataclasses.fields(DemoConfig)
+                     if config is not None and getattr(config, f.name) != getattr(defaults, f.name)}
+        out = given.get("out") or (config.out if config is not None else DemoConfig.out)
+        path = Path(out) / CHECKPOINT
+        state = read_checkpoint(path)
+        config = _resumed_config(path, state["config"], given)
+    elif config is None:
+        config = DemoConfig(**(given or {}))
+    if plots is None:
+        plots = importlib.util.find_spec("matplotlib") is not None
     with _threads(config.threads):
-        return _run_demo(config, resume=resume, explicit=explicit, console=console)
+        return _run_demo(config, state=state, plots=plots, console=console)
 
 
-def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
+def _check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and write (and remove) a probe file there, so a directory that cannot
+    take the outputs is reported now rather than at the first checkpoint."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".gumbelkit-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out_dir} is not a writable directory ({err.strerror or err}); "
+                         "pass an --out you can write to") from err
+
+
+def _check_data(data: Dataset, config: DemoConfig, world_size: int) -> None:
+    where = f" in {config.data_dir}" if config.data == "mnist" else ""
+    for split, x in (("training", data.train_x), ("test", data.test_x)):
+        if len(x) == 0:
+            raise ValueError(f"the {data.name} data set{where} has 0 {split} images; the demo needs "
+                             "at least one to " + ("train on" if split == "training" else "evaluate"))
+    if len(data.train_x) < world_size:
+        raise ValueError(f"{len(data.train_x)} training images cannot be split over {world_size} ranks")
+
+
+class _StopOnInterrupt:
+    """While active (in the main thread of a single process), the first Ctrl-C only sets
+    ``requested``: training stops after the current step and saves a checkpoint. A second
+    Ctrl-C raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Stop(Exception):
+    """Raised from the step callback to leave the training loop after a Ctrl-C."""
+
+
+def _run_demo(config: DemoConfig, *, state: dict[str, Any] | None, plots: bool,
               console: Any) -> dict[str, Any]:
     from rich.console import Console
 
@@ -477,35 +703,33 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
     started = time.perf_counter()
     out_dir = Path(config.out)
     ckpt_path = out_dir / CHECKPOINT
-    state = None
-    if resume:
-        state = _load_checkpoint(ckpt_path, config, explicit or set())
-        kept = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
-        kept["hidden"] = tuple(kept["hidden"])
-        config = dataclasses.replace(config, **kept)
     schedule = make_schedule(config)
-    # under torchrun: one process per rank, gloo on CPU / nccl on GPU, DDP; else a single process
     device = _device(config.device)
+    start = state["step"] if state is not None else 0
+    if start >= config.steps:
+        raise ValueError(f"--resume: the checkpoint {ckpt_path} is already at step {start}; "
+                         f"pass --steps larger than {start} to train further")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes files
+        _check_out_dir(out_dir)
+    if not plots:
+        print("gumbelkit demo: matplotlib is not installed: no plots; metrics.json and the "
+              f"checkpoint are written as usual ({_INSTALL_HINT} for the plots)", file=sys.stderr)
+    # under torchrun: one process per rank, gloo on CPU / nccl on GPU, DDP; else a single process
     info = _ddp.init_from_env(device=None if device.type == "cuda" else device,  # cuda: one GPU per rank
                               timeout=config.dist_timeout)
     device = info.device if info.distributed else device
     if not info.is_main:
         config = dataclasses.replace(config, quiet=True)
     data: Dataset = load_dataset(config.data, config.data_dir)
+    _check_data(data, config, info.world_size)
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     model, optimizer = build(config, train_x.shape[1], device)
     generator = _ddp.rank_generator(config.seed, info)  # seed + rank: independent noise per rank
-    history, start, train_time = History(), 0, 0.0
+    history, train_time = History(), 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        _restore(ckpt_path, state, model, optimizer, generator, info, config.seed)
         history = History(**state["history"])
-        start, train_time = state["step"], state["train_time_s"]
-        if start >= config.steps:
-            raise ValueError(f"--resume: the checkpoint {ckpt_path} is already at step {start}; "
-                             f"pass --steps larger than {start} to train further")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        train_time = state["train_time_s"]
 
     # every rank draws the same global batch and keeps its own slice of it
     global_batch = min(config.batch_size, len(train_x) // info.world_size) * info.world_size
@@ -513,7 +737,8 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
                   for b in batches(train_x, global_batch, seed=config.seed, start_step=start))
     ddp_model = _ddp.wrap_model(model, info)
     t0 = time.perf_counter()
-    with _progress(console, config.quiet) as progress:
+    stop = _StopOnInterrupt(enabled=not info.distributed)
+    with stop, _progress(console, config.quiet) as progress:
         task = progress.add_task(config.estimator, total=config.steps,
                                  completed=start, loss=math.nan, neg_elbo=math.nan,
                                  tau=schedule(start))
@@ -523,13 +748,21 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
             for key in ("loss", "neg_elbo"):  # smoothed for a readable bar
                 ema[key] = 0.95 * ema.get(key, getattr(h, key)[-1]) + 0.05 * getattr(h, key)[-1]
             progress.update(task, advance=1, tau=h.tau[-1], **ema)
+            if stop.requested:
+                raise _Stop
             if info.is_main and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(ckpt_path, model, optimizer, generator, config, history,
                                  train_time + time.perf_counter() - t0)
 
-        train(ddp_model, optimizer, batch_iter, estimator=config.estimator, schedule=schedule,
-              generator=generator, start=start, stop=config.steps, history=history,
-              samples=config.samples, on_step=on_step)
+        try:
+            train(ddp_model, optimizer, batch_iter, estimator=config.estimator, schedule=schedule,
+                  generator=generator, start=start, stop=config.steps, history=history,
+                  samples=config.samples, on_step=on_step)
+        except _Stop:
+            progress.stop()
+            _save_checkpoint(ckpt_path, model, optimizer, generator, config, history,
+                             train_time + time.perf_counter() - t0)
+            raise TrainingInterrupted(len(history.step), ckpt_path) from None
     train_time += time.perf_counter() - t0
     del ddp_model, batch_iter  # DDP must not outlive the process group
     in_sync = _ddp.replicas_in_sync(model, info)
@@ -543,10 +776,7 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
     m = config.importance_samples
     train_elbo, _ = evaluate(model, train_x, m=1, seed=config.seed + 1)
     test_elbo, test_bound = evaluate(model, test_x, m=m, seed=config.seed + 2)
-    title = f"{config.estimator}, {config.latents}x{config.classes} latents, {data.name}"
-    _plot_curves(history, out_dir / "curves.png", title)
-    _plot_reconstructions(model, test_x[:12], data.image_shape, out_dir / "reconstructions.png")
-    _plot_samples(model, data.image_shape, out_dir / "samples.png", seed=config.seed + 3)
+    images = ["curves.png", "reconstructions.png", "samples.png"] if plots else []
     metrics = {
         "config": dataclasses.asdict(config),
         "world_size": info.world_size,
@@ -559,13 +789,19 @@ def _run_demo(config: DemoConfig, *, resume: bool, explicit: set[str] | None,
             "test_neg_elbo": test_elbo,
             "test_importance_bound": {"m": m, "neg_log_likelihood_bound": test_bound},
         },
-        "resumed_from_step": start if resume else None,
+        "resumed_from_step": start if state is not None else None,
+        "images": images,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,
     }
     # one line per key: readable, and the per-step lists stay compact
     lines = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in metrics.items())
     (out_dir / "metrics.json").write_text("{\n" + lines + "\n}\n")
+    if plots:  # after metrics.json, so the numbers are saved whatever happens to the plots
+        title = f"{config.estimator}, {config.latents}x{config.classes} latents, {data.name}"
+        _plot_curves(history, out_dir / "curves.png", title)
+        _plot_reconstructions(model, test_x[:12], data.image_shape, out_dir / "reconstructions.png")
+        _plot_samples(model, data.image_shape, out_dir / "samples.png", seed=config.seed + 3)
     if not config.quiet:
         _summary(console, config, metrics, out_dir)
     return metrics
@@ -592,8 +828,9 @@ def _summary(console: Any, config: DemoConfig, metrics: dict[str, Any], out_dir:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"wrote metrics.json, curves.png, reconstructions.png, samples.png and "
-                  f"{CHECKPOINT} to {out_dir}")
+    files = ", ".join(["metrics.json", *metrics["images"]])
+    skipped = "" if metrics["images"] else f" (no plots: matplotlib is not installed; {_INSTALL_HINT})"
+    console.print(f"wrote {files} and {CHECKPOINT} to {out_dir}{skipped}")
 
 
 # ----------------------------------------------------------------------------- classify
@@ -615,6 +852,7 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         _check_fields(self, ints=("steps", "batch_size", "hidden", "eval_samples", "threads"),
                       floats=("tau", "lr"))
+        _check_seed(self.seed)
 
 
 def _classifier(config: ClassifyConfig) -> torch.nn.Module:
