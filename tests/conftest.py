@@ -7,8 +7,11 @@ often a correct sampler would fail under a fresh seed (a false-alarm budget of a
 
 import os
 
-import torch
-from hypothesis import settings
+# Triton's CPU interpreter must be chosen before anything imports triton (torch.compile does)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

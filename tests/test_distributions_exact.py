@@ -276,9 +276,6 @@ def test_plackett_luce_samples_finite_logits_far_apart():
     assert (pl.sample((5,), generator=gen(3)) == torch.tensor([0, 1])).all()
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="gumbel_topk (functional/_kernels, not distributions) shifts by the row maximum in "
-                          "the logits' dtype, which overflows finite logits more than finfo.max apart to -inf")
 @pytest.mark.parametrize("raw", [torch.tensor([3e38, -3e38]), torch.tensor([1e308, -1e308], dtype=F64)])
 def test_plackett_luce_samples_finite_logits_at_the_dtype_range(raw):
     assert (PlackettLuce(raw).sample((5,), generator=gen(3)) == torch.tensor([0, 1])).all()
@@ -488,9 +485,6 @@ def test_binary_rsample_compiles_fullgraph_without_validation(cls):
     assert out.shape == (2, 4, 5) and ((out >= 0) & (out <= 1)).all()
 
 
-@pytest.mark.xfail(raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError), strict=False,
-                   reason="log_gumbel_softmax (functional.py) reads tau in Python; issue 10 moves its checks "
-                          "into a custom op")
 def test_concrete_rsample_compiles_fullgraph_without_validation():
     l = torch.randn(4, 5, generator=gen(11))
     torch._dynamo.reset()

@@ -715,9 +715,6 @@ def test_vmap_of_the_functions_with_noise_passed_in(method, kw):
                                                    for b in range(5)]))
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="gumbel_noise_like allocates the noise from a shape (noise.py, being rewritten "
-                          "to draw like its input); vmap then refuses 'different' randomness")
 @pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)
 def test_vmap_of_the_public_samplers_draws_different_noise(method, kw):
     logits = torch.zeros(64, 3, 4)

@@ -592,9 +592,6 @@ def test_structured_vmap_without_noise_equals_the_loop(name):
                                                    for b in range(5)]))
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="gumbel_noise_like allocates the noise from a shape (noise.py, being rewritten "
-                          "to draw like its input); vmap then refuses 'different' randomness")
 @pytest.mark.parametrize("name", ["relaxed_topk", "relaxed_topk-hard", "gumbel_sinkhorn", "gumbel_sinkhorn-hard"])
 def test_structured_vmap_with_noise_draws_different_noise(name):
     out = torch.func.vmap(STRUCTURED[name], randomness="different")(torch.zeros(32, 4, 4))

@@ -147,7 +147,10 @@ def _perturbed(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> t
     x = _neg_noise(seed, logits.shape, cdtype, logits.device)
     if bool((m.abs() > _SHIFT_ABOVE).any()):
         m = m.to(cdtype)
-        allowed = allowed.to(cdtype) - m
+        shifted = allowed.to(cdtype) - m
+        # finite logits more than finfo.max below the maximum stay possible (at the lowest value),
+        # not -inf: gumbel_topk must still be able to draw them
+        allowed = torch.where(torch.isneginf(allowed), allowed.to(cdtype), shifted.clamp_(min=torch.finfo(cdtype).min))
     else:
         m = torch.zeros_like(m, dtype=cdtype)
     return torch.sub(allowed, x, out=x), m
