@@ -516,3 +516,16 @@ def test_top_p_adversarial_pivots_fall_back_to_a_sort():
     x = np.stack([-np.arange(3000.0) * 0.01, np.linspace(0, -40, 3000)]).astype(np.float64)
     for p in (0.3, 0.999999):
         assert np.array_equal(cf.top_p_threshold(x, p)[1], top_p_sort_ref(x, p)[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_seeded_with_top_p_threshold_draws_from_the_nucleus(dtype):
+    """Fused top-p: threshold, then the masked seeded draw; chi-square against the nucleus."""
+    logits = np.log(np.array([0.35, 0.1, 0.1, 0.45, 0.0001], dtype))
+    x = np.ascontiguousarray(np.broadcast_to(logits, (40_000, 5)))
+    th, cnt = cf.top_p_threshold(x, 0.8)
+    ids = cf.sample_seeded(x, np.arange(40_000, dtype=np.int64), min_value=th)
+    kept = np.where(logits >= th[0], softmax64(logits), 0.0)
+    assert chisquare_counts(ids, kept) > 1e-3
+    masked = np.where(x >= th[:, None].astype(dtype), x, -np.inf).astype(dtype)
+    assert np.array_equal(ids, cf.sample_seeded(masked, np.arange(40_000, dtype=np.int64)))

@@ -470,13 +470,14 @@ def _fill_perturbed_div(buf, xrow, lo, length, shift, tau, key, pos0):
 
 
 @_jit(parallel=True)
-def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip):
+def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, use_low):
     """Per row, argmax_j ((x_j - m) / T + G(key, position)), ties to the lowest index.
 
     ``key_by_row``: the key of row r is keys[r] and the position of x[r, j] is j (per-row
     seeds); else keys[0] and position offset + r * n + j (one stream over the flat array).
     ``skip``: skip chunks whose best possible value max_j (x_j - m) / T + G_MAX is below the
-    best found so far (exact: no noise value exceeds G_MAX).
+    best found so far (exact: no noise value exceeds G_MAX). ``use_low``: entries with
+    x < lows[r] are masked (a top-p / top-k / min-p threshold applied in the same pass).
     """
     rows, n = x.shape
     m = row_max(x)
@@ -506,6 +507,10 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip):
                 _fill_perturbed_div(buf, xr, c, length, mr, tau, key, pos_row + c)
             else:
                 _fill_perturbed(buf, xr, c, length, mr, _like(1.0, x[0, 0]), key, pos_row + c)
+            if use_low:
+                low = lows[r]
+                for j in range(length):
+                    buf[j] = buf[j] if xr[c + j] >= low else -np.inf
             cm = _buf_max(buf, length)
             if cm > bv or bi < 0:
                 idx = _first_index(buf, length, cm)

@@ -269,11 +269,16 @@ def gumbel_max(x: np.ndarray, seed: int, offset: int = 0, *, skip: bool = True) 
     x = _as_array(x, "x")
     key = np.array([_key(_check_seed(seed))], dtype=np.uint64)
     temps = np.ones(1, dtype=x.dtype)
-    return _kernels().argmax_perturbed(x, key, False, _check_offset(offset), temps, False, bool(skip))
+    return _kernels().argmax_perturbed(x, key, False, _check_offset(offset), temps, False, bool(skip), temps, False)
 
 
 def sample_seeded(
-    x: np.ndarray, row_seeds: np.ndarray | torch.Tensor, temperature: object = None, *, skip: bool = True
+    x: np.ndarray,
+    row_seeds: np.ndarray | torch.Tensor,
+    temperature: object = None,
+    *,
+    min_value: np.ndarray | None = None,
+    skip: bool = True,
 ) -> np.ndarray:
     """Seeded, batch-invariant sampling: ``argmax_j (x_j - max x) / T + G(seed_r, j)``.
 
@@ -285,6 +290,8 @@ def sample_seeded(
         x: C-contiguous (rows, n) float32/float64 logits; ``-inf`` masks a token.
         row_seeds: int64 (rows,) array or tensor, one seed per row.
         temperature: None (1), a positive float or a (rows,) array of them.
+        min_value: optional (rows,) array: entries with ``x < min_value[r]`` are masked in
+            the same pass (the ``threshold`` of :func:`top_p_threshold`, a top-k or min-p cut).
         skip: skip chunks that cannot win (exact).
 
     Returns:
@@ -306,7 +313,14 @@ def sample_seeded(
         temps, use = np.ones(x.shape[0], dtype=x.dtype), False
     else:
         temps, use = _per_row(temperature, x.shape[0], x.dtype, "temperature"), True
-    return _kernels().argmax_perturbed(x, keys, True, 0, temps, use, bool(skip))
+    if min_value is None:
+        lows, use_low = temps, False
+    else:
+        lows = np.asarray(min_value)
+        if lows.shape not in ((x.shape[0],), (x.shape[0], 1)):
+            raise ValueError(f"min_value must have one value per row ({x.shape[0]},), got {lows.shape}")
+        lows, use_low = np.ascontiguousarray(lows.reshape(-1), dtype=x.dtype), True
+    return _kernels().argmax_perturbed(x, keys, True, 0, temps, use, bool(skip), lows, use_low)
 
 
 def _softmax(x: np.ndarray, seed: int, tau: object, out: object, offset: int, mode: int) -> tuple[np.ndarray, np.ndarray]:
