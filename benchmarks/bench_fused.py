@@ -72,7 +72,10 @@ def cases(cf, x_t: torch.Tensor, kind: str = "all") -> dict[str, tuple[str, obje
         "fused gumbel_max": ("gumbel_max", lambda: cf.gumbel_max(x, 1)),
         "fused sample_seeded": ("gumbel_max", lambda: cf.sample_seeded(x, seeds)),
         "fused sample_seeded T=0.7": ("gumbel_max", lambda: cf.sample_seeded(x, seeds, 0.7)),
-        "torch multinomial(softmax(x))": ("gumbel_max", lambda: torch.multinomial(torch.softmax(x_t, -1), 1, generator=gen)),
+        "torch multinomial(softmax(x))": (
+            "gumbel_max",
+            lambda: torch.multinomial(torch.softmax(x_t, -1), 1, generator=gen),
+        ),
         "torch (x + noise).argmax": ("gumbel_max", lambda: (x_t + torch_noise(x_t)).argmax(-1)),
         "fused gumbel_softmax": ("gumbel_softmax", lambda: cf.gumbel_softmax(x, 1, 0.5, out=out)),
         "fused log_gumbel_softmax": ("gumbel_softmax", lambda: cf.log_gumbel_softmax(x, 1, 0.5, out=out)),
@@ -102,7 +105,7 @@ def top_p_cases(cf, x_t: torch.Tensor, label: str) -> dict[str, tuple[str, objec
 def measure(sides: dict[str, tuple[str, object]], repeats: int, budget: float = 0.3) -> dict[str, float]:
     """Minimum seconds per call of each side over ``repeats`` alternating rounds."""
     best = {name: float("inf") for name in sides}
-    for name, (_, fn) in sides.items():  # warm-up (compiles numba kernels, allocates)
+    for _, fn in sides.values():  # warm-up (compiles numba kernels, allocates)
         fn()
     for _ in range(repeats):
         for name, (_, fn) in sides.items():
@@ -150,7 +153,8 @@ def compile_times() -> tuple[dict[str, float], dict[str, float]]:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(ROOT / "src"))
         runs = []
         for _ in range(2):
-            res = subprocess.run([sys.executable, "-c", COMPILE_SNIPPET], env=env, capture_output=True, text=True, check=True)
+            cmd = [sys.executable, "-c", COMPILE_SNIPPET]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return runs[0], runs[1]
 
@@ -166,7 +170,8 @@ def sizes_sweep(cf, max_size: float, repeats: int) -> dict[str, list[tuple[int, 
         res = measure(sides, max(1, repeats if size < 1e7 else 2), budget=0.2 if size < 1e7 else 0.0)
         for name, t in res.items():
             curves.setdefault(name, []).append((rows * n, t / (rows * n) * 1e9))
-        print(f"  size {rows * n:.0e}: " + ", ".join(f"{k.split(' ', 1)[1]} {v * 1e9 / (rows * n):.2f}" for k, v in res.items()), flush=True)
+        figures = ", ".join(f"{k.split(' ', 1)[1]} {v * 1e9 / (rows * n):.2f}" for k, v in res.items())
+        print(f"  size {rows * n:.0e}: {figures}", flush=True)
         del x_t, sides
         size *= 10
     return curves
@@ -203,7 +208,8 @@ def main() -> None:
     ]
     if not args.no_compile:
         cold, cached = compile_times()
-        lines += ["## Compile time (first call, fresh process)", "", "| kernel | cold (s) | from cache (s) |", "|---|---:|---:|"]
+        lines += ["## Compile time (first call, fresh process)", ""]
+        lines += ["| kernel | cold (s) | from cache (s) |", "|---|---:|---:|"]
         lines += [f"| {k} | {cold[k]:.2f} | {cached[k]:.2f} |" for k in cold]
         lines += [""]
         print("\n".join(lines[-len(cold) - 4:]), flush=True)
@@ -217,14 +223,16 @@ def main() -> None:
         res = measure(sides, args.repeats)
         n = shape[0] * shape[1]
         copy = res["copy (memory floor)"]
-        rows_md = [f"## {shape[0]} x {shape[1]}", "", "| group | kernel | ms | ns/element | x copy |", "|---|---|---:|---:|---:|"]
+        rows_md = [f"## {shape[0]} x {shape[1]}", ""]
+        rows_md += ["| group | kernel | ms | ns/element | x copy |", "|---|---|---:|---:|---:|"]
         for name, t in res.items():
             rows_md.append(f"| {sides[name][0]} | {name} | {t * 1e3:.2f} | {t / n * 1e9:.2f} | {t / copy:.1f} |")
         speed = {
             "gumbel_max vs multinomial(softmax)": res["torch multinomial(softmax(x))"] / res["fused gumbel_max"],
             "sample_seeded vs multinomial(softmax)": res["torch multinomial(softmax(x))"] / res["fused sample_seeded"],
             "gumbel_softmax fwd vs F.gumbel_softmax": res["torch F.gumbel_softmax"] / res["fused gumbel_softmax"],
-            "top-p sample vs sort recipe, flat": res["torch sort recipe top-p (flat rows)"] / res["fused top-p sample (flat rows)"],
+            "top-p sample vs sort recipe, flat": res["torch sort recipe top-p (flat rows)"]
+            / res["fused top-p sample (flat rows)"],
             "top-p sample vs sort recipe, LM-like": res["torch sort recipe top-p (LM-like rows)"]
             / res["fused top-p sample (LM-like rows)"],
             "gumbel_topk vs noise + topk": res["torch noise + topk k=50"] / res["fused gumbel_topk k=50"],
@@ -237,7 +245,8 @@ def main() -> None:
 
     print("size sweep", flush=True)
     curves = sizes_sweep(cf, args.max_size, args.repeats)
-    lines += ["## ns/element against size", "", f"![ns per element against size]({os.path.relpath(args.plot, args.out.parent)})", ""]
+    plot_link = os.path.relpath(args.plot, args.out.parent)
+    lines += ["## ns/element against size", "", f"![ns per element against size]({plot_link})", ""]
     header = "| kernel | " + " | ".join(f"{n:.0e}" for n, _ in next(iter(curves.values()))) + " |"
     lines += [header, "|---|" + "---:|" * len(next(iter(curves.values())))]
     lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for _, v in pts) + " |" for name, pts in curves.items()]

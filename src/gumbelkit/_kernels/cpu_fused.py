@@ -323,7 +323,9 @@ def sample_seeded(
     return _kernels().argmax_perturbed(x, keys, True, 0, temps, use, bool(skip), lows, use_low)
 
 
-def _softmax(x: np.ndarray, seed: int, tau: object, out: object, offset: int, mode: int) -> tuple[np.ndarray, np.ndarray]:
+def _softmax(
+    x: np.ndarray, seed: int, tau: object, out: object, offset: int, mode: int
+) -> tuple[np.ndarray, np.ndarray]:
     x = _as_array(x, "x")
     seed = _check_seed(seed)
     offset = _check_offset(offset)
