@@ -533,3 +533,10 @@ def test_sample_seeded_with_top_p_threshold_draws_from_the_nucleus(dtype):
     assert chisquare_counts(ids, kept) > 1e-3
     masked = np.where(x >= th[:, None].astype(dtype), x, -np.inf).astype(dtype)
     assert np.array_equal(ids, cf.sample_seeded(masked, np.arange(40_000, dtype=np.int64)))
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(cf, extraglobs={"torch": torch, "np": np}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
