@@ -7,6 +7,8 @@ Skipped when numba is missing. Statistical tests use fixed seeds and state their
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -540,3 +542,28 @@ def test_docstring_examples():
 
     result = doctest.testmod(cf, extraglobs={"torch": torch, "np": np}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_unwritable_cache_falls_back_to_compiling(tmp_path):
+    """No writable cache location (read-only install, no home): import works, with a warning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, numpy as np\n"
+        "from numba.core import caching\n"
+        "caching._CacheImpl._locator_classes = []\n"  # as if every location were read-only
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from gumbelkit._kernels import cpu_fused as cf\n"
+        "    assert cf.available()\n"
+        "assert any('NUMBA_CACHE_DIR' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert cf.cache_info()['enabled'] is False\n"
+        "print(cf.gumbel_noise(np.empty(3, np.float64), 7).round(6).tolist())\n"
+    )
+    src = str(Path(cf.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref = torch_noise(7, np.arange(3)).round(6).tolist()
+    assert res.stdout.strip().splitlines()[-1] == str(ref)
