@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 THREADS = 2
+NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites the tables above -->"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -283,7 +284,10 @@ def main() -> None:
         fig.savefig(args.plot, dpi=110, bbox_inches="tight")
     except ImportError:
         lines += ["", "(matplotlib missing: no plot)"]
-    args.out.write_text("\n".join(lines) + "\n")
+    notes = ""  # hand-written analysis below the marker survives a rerun
+    if args.out.exists() and NOTES_MARKER in args.out.read_text():
+        notes = args.out.read_text().split(NOTES_MARKER, 1)[1]
+    args.out.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print(f"wrote {args.out}")
 
 
