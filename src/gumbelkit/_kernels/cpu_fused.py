@@ -5,7 +5,9 @@ numba is an optional extra (``pip install 'gumbelkit[numba]'``); this module imp
 it and :func:`available` says whether the kernels can run. The kernels take C-contiguous 2-D
 float32/float64 numpy arrays (``tensor.numpy()`` views of CPU tensors), work row by row over
 the last axis and run in parallel over rows and, for few long rows, over blocks of a row.
-They are compiled on first use and cached on disk (see :func:`cache_info`).
+They are compiled on first use and cached on disk (see :func:`cache_info`). float16 and
+bfloat16 tensors are the caller's to upcast (``x.float()``): half precision is computed in
+float32, and the noise is float32 or better whatever the input dtype.
 
 Noise contract
 --------------
