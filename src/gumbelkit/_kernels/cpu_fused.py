@@ -119,6 +119,29 @@ def _kernels() -> ModuleType:
     return impl
 
 
+SERIAL_BELOW = 1 << 15  # elements: below this, one thread (waking the pool costs more than it saves)
+
+
+def _run(name: str, size: int, *args: object) -> object:
+    """Call kernel ``name``, on the calling thread alone when the input is small.
+
+    The results do not depend on the thread count, so this is only a matter of speed:
+    on a busy machine waking a second thread can cost milliseconds.
+    """
+    impl = _kernels()
+    kernel = getattr(impl, name)
+    if size >= SERIAL_BELOW:
+        return kernel(*args)
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(old)
+
+
 def cache_info() -> dict[str, object]:
     """Where numba keeps the compiled kernels: ``{"enabled": bool, "dir": str | None}``.
 
@@ -257,7 +280,7 @@ def gumbel_noise(out: np.ndarray, seed: int, offset: int = 0) -> np.ndarray:
     out = _as_array(out, "out", ndim=None)
     seed = _check_seed(seed)
     offset = _check_offset(offset)
-    _kernels().noise_fill(out.reshape(-1), _key(seed), offset)
+    _run("noise_fill", out.size, out.reshape(-1), _key(seed), offset)
     return out
 
 
@@ -287,7 +310,8 @@ def gumbel_max(x: np.ndarray, seed: int, offset: int = 0, *, skip: bool = True) 
     x = _as_array(x, "x")
     key = np.array([_key(_check_seed(seed))], dtype=np.uint64)
     temps = np.ones(1, dtype=x.dtype)
-    return _kernels().argmax_perturbed(x, key, False, _check_offset(offset), temps, False, bool(skip), temps, False)
+    offset = _check_offset(offset)
+    return _run("argmax_perturbed", x.size, x, key, False, offset, temps, False, bool(skip), temps, False)
 
 
 def sample_seeded(
@@ -346,7 +370,7 @@ def sample_seeded(
         if lows.shape not in ((x.shape[0],), (x.shape[0], 1)):
             raise ValueError(f"min_value must have one value per row ({x.shape[0]},), got {lows.shape}")
         lows, use_low = np.ascontiguousarray(lows.reshape(-1), dtype=x.dtype), True
-    return _kernels().argmax_perturbed(x, keys, True, 0, temps, use, bool(skip), lows, use_low)
+    return _run("argmax_perturbed", x.size, x, keys, True, 0, temps, use, bool(skip), lows, use_low)
 
 
 def _softmax(
@@ -357,7 +381,7 @@ def _softmax(
     offset = _check_offset(offset)
     taus = _per_row(tau, x.shape[0], x.dtype, "tau")
     out = _out_like(x, out)
-    argmax = _kernels().softmax_perturbed(x, _key(seed), offset, taus, out, mode)
+    argmax = _run("softmax_perturbed", x.size, x, _key(seed), offset, taus, out, mode)
     return out, argmax
 
 
@@ -407,7 +431,7 @@ def perturbed_logits(x: np.ndarray, seed: int, offset: int = 0, out: np.ndarray 
     """``(x - max x) + G(seed, offset + r n + j)`` per row (the scores Gumbel-top-k sorts)."""
     x = _as_array(x, "x")
     out = _out_like(x, out)
-    _kernels().perturb(x, _key(_check_seed(seed)), _check_offset(offset), out)
+    _run("perturb", x.size, x, _key(_check_seed(seed)), _check_offset(offset), out)
     return out
 
 
@@ -466,5 +490,5 @@ def top_p_threshold(x: np.ndarray, p: float, *, probs: bool = False) -> tuple[np
         raise ValueError(f"p must be a float in (0, 1], got {p!r}")
     thresholds = np.empty(x.shape[0], dtype=np.float64)
     counts = np.empty(x.shape[0], dtype=np.int64)
-    _kernels().top_p_rows(x, float(p), bool(probs), thresholds, counts)
+    _run("top_p_rows", x.size, x, float(p), bool(probs), thresholds, counts)
     return thresholds, counts
