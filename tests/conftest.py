@@ -10,10 +10,22 @@ import os
 # Triton's CPU interpreter must be chosen before anything imports triton (torch.compile does)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # pytest-xdist already runs one worker per core; more torch threads per worker only stall.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["auto", "torch"])
+def backend(request, monkeypatch):
+    """Run a test on the default kernels (fused numba ones where installed) and on the torch path.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("backend")``, so the torch
+    fallback stays tested wherever numba is installed.
+    """
+    monkeypatch.setenv("GUMBELKIT_BACKEND", request.param)
+    return request.param

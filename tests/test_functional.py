@@ -11,6 +11,9 @@ import gumbelkit as gk
 import reference as ref
 from gumbelkit._kernels.gumbel_softmax import gumbel_softmax_from_noise
 
+# every test runs on the default kernels (fused numba where installed) and on the torch path
+pytestmark = pytest.mark.usefixtures("backend")
+
 NEG_INF = float("-inf")
 
 

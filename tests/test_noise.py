@@ -9,6 +9,9 @@ import gumbelkit as gk
 from gumbelkit._kernels.cpu_noise import PARALLEL_CHUNK, SMALL, _neg_gumbel_chunk_, fill_neg_gumbel_
 from reference import EULER_GAMMA
 
+# every test runs on the default kernels (fused numba where installed) and on the torch path
+pytestmark = pytest.mark.usefixtures("backend")
+
 N = 1_000_000
 
 

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ._kernels.gumbel_softmax import gumbel_softmax_function
-from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_op, gumbel_softmax_op, gumbel_topk_op
+from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_op, gumbel_topk_op
 from ._validation import check_generator, check_logits, check_mask, check_tau, normalize_dim
 
 __all__ = ["gumbel_max", "gumbel_softmax", "gumbel_topk", "log_gumbel_softmax"]

@@ -54,7 +54,8 @@ def _check_range(loc: float | torch.Tensor, scale: float | torch.Tensor, dtype: 
     top = torch.finfo(dtype).max
     if isinstance(loc, torch.Tensor) or isinstance(scale, torch.Tensor):
         with torch.no_grad():
-            reach = torch.as_tensor(loc, dtype=torch.float64).abs() + torch.as_tensor(scale, dtype=torch.float64) * G_BOUND
+            loc64, scale64 = (torch.as_tensor(v, dtype=torch.float64) for v in (loc, scale))
+            reach = loc64.abs() + scale64 * G_BOUND
             ok = bool((reach <= top).all())
     else:
         ok = abs(loc) + scale * G_BOUND <= top

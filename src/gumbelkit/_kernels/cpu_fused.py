@@ -123,19 +123,21 @@ SERIAL_BELOW = 1 << 15  # elements: below this, one thread (waking the pool cost
 
 
 def _run(name: str, size: int, *args: object) -> object:
-    """Call kernel ``name``, on the calling thread alone when the input is small.
+    """Call kernel ``name`` on ``torch.get_num_threads()`` threads (one when the input is small).
 
-    The results do not depend on the thread count, so this is only a matter of speed:
-    on a busy machine waking a second thread can cost milliseconds.
+    The results do not depend on the thread count, so this is only a matter of speed: the
+    kernels follow torch's thread setting, and on a busy machine waking a second thread for a
+    small input can cost milliseconds.
     """
     impl = _kernels()
     kernel = getattr(impl, name)
-    if size >= SERIAL_BELOW:
-        return kernel(*args)
     import numba
 
+    threads = 1 if size < SERIAL_BELOW else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     old = numba.get_num_threads()
-    numba.set_num_threads(1)
+    if threads == old:
+        return kernel(*args)
+    numba.set_num_threads(threads)
     try:
         return kernel(*args)
     finally:

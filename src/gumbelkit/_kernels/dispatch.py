@@ -1,7 +1,9 @@
-"""Kernel choice in one place: the torch path everywhere, fused Triton kernels for CUDA tensors.
+"""Kernel choice in one place: fused numba kernels for CPU tensors, fused Triton kernels for CUDA
+tensors, the torch path everywhere else (and whenever the optional package is missing).
 
-``GUMBELKIT_BACKEND`` overrides the choice: ``torch`` never uses Triton, ``auto`` (the
-default) uses it for CUDA tensors when the ``triton`` package imports. CPU tensors never
+``GUMBELKIT_BACKEND`` overrides the choice: ``torch`` always takes the torch path, ``auto``
+(the default) takes the fused kernels where their package imports, ``numba`` and ``triton``
+insist on them (an ``ImportError`` with the install hint when missing). CPU tensors never
 touch the Triton kernels (tests call them directly under ``TRITON_INTERPRET=1``).
 """
 
@@ -13,7 +15,16 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["triton_kernels"]
+__all__ = ["cpu_kernels", "triton_kernels"]
+
+_BACKENDS = ("auto", "torch", "triton", "numba")
+
+
+def _backend() -> str:
+    backend = os.environ.get("GUMBELKIT_BACKEND", "auto").lower()
+    if backend not in _BACKENDS:
+        raise ValueError(f"GUMBELKIT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+    return backend
 
 
 @lru_cache(maxsize=1)
@@ -27,13 +38,25 @@ def _load() -> ModuleType | None:
 
 def triton_kernels(t: torch.Tensor) -> ModuleType | None:
     """The Triton kernel module to use for ``t``, or None for the torch path."""
-    backend = os.environ.get("GUMBELKIT_BACKEND", "auto").lower()
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"GUMBELKIT_BACKEND must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch" or t.device.type != "cuda":
+    backend = _backend()
+    if backend in ("torch", "numba") or t.device.type != "cuda":
         return None
     kernels = _load()
     if kernels is None and backend == "triton":
         raise ImportError("GUMBELKIT_BACKEND=triton but the triton package is not importable; "
                           "pip install 'gumbelkit[triton]'")
     return kernels
+
+
+def cpu_kernels(t: torch.Tensor) -> ModuleType | None:
+    """The fused numba kernel module to use for ``t`` (a CPU float tensor), or None for the torch path."""
+    backend = _backend()
+    if backend in ("torch", "triton") or t.device.type != "cpu" or type(t) is not torch.Tensor:
+        return None
+    from . import cpu_fused
+
+    if cpu_fused.available():
+        return cpu_fused
+    if backend == "numba":
+        raise ImportError(cpu_fused.HINT)
+    return None

@@ -33,12 +33,15 @@ from torch import Tensor
 
 from .._validation import check_rows, check_tau_values, compute_dtype
 from .cpu_noise import fill_neg_gumbel_
-from .dispatch import triton_kernels
+from .dispatch import cpu_kernels, triton_kernels
 
 __all__ = ["checked_tau", "draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
 
 _NEG_INF = float("-inf")
 SOFT, HARD, LOG = 0, 1, 2  # gumbel_softmax_op modes
+# The fused softmax divides by tau in its compute dtype: below this, the torch path (which
+# shifts by the perturbed maximum first) keeps (x - m + g) / tau finite.
+_FUSED_MIN_TAU = 1e-30
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -51,12 +54,34 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor
 def _neg_noise(seed: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """*Minus* standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``, a fresh buffer."""
     if device.type == "cpu":
-        return fill_neg_gumbel_(torch.empty(shape, dtype=dtype), int(seed))
+        out = torch.empty(shape, dtype=dtype)
+        fused = cpu_kernels(out) if out.numel() else None
+        if fused is not None:
+            return torch.from_numpy(fused.gumbel_noise(out.numpy(), int(seed))).neg_()
+        return fill_neg_gumbel_(out, int(seed))
     kernels = triton_kernels(seed)
     if kernels is not None and dtype == torch.float32:
         return kernels.triton_gumbel_noise(tuple(shape), seed.reshape(1)).neg_()
     # other devices: the same transform, on the CPU, moved over
     return fill_neg_gumbel_(torch.empty(shape, dtype=dtype), int(seed)).to(device)
+
+
+def _fused_rows(logits: Tensor, mask: Tensor | None, dim: int):
+    """``(kernels, rows)`` when the fused CPU kernels serve this call, else ``(None, None)``.
+
+    They serve unmasked float logits whose category dimension is the last one, seen as a
+    C-contiguous (rows, n) float32/float64 array (half precision upcast): the noise position
+    of an entry is then its flat index, exactly as for :func:`_neg_noise`, so the noise
+    contract holds on both paths. The rows are validated here (NaN, +inf, no allowed category).
+    """
+    if mask is not None or dim != logits.dim() - 1 or logits.numel() == 0:
+        return None, None
+    fused = cpu_kernels(logits)
+    if fused is None:
+        return None, None
+    rows = logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits.dtype)).contiguous()
+    check_rows(rows.amax(-1, keepdim=True), logits, None, dim)
+    return fused, rows
 
 
 # -- the shared vmap rule --------------------------------------------------------------------
@@ -166,6 +191,14 @@ def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: 
     kernels = triton_kernels(logits)
     if kernels is not None and mask is None and tau_t is None and mode != LOG:
         return kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
+    fused, rows = _fused_rows(logits, mask, dim) if tau_t is None and tau >= _FUSED_MIN_TAU else (None, None)
+    if fused is not None:
+        kernel = fused.log_gumbel_softmax if mode == LOG else fused.gumbel_softmax
+        y, index = kernel(rows.numpy(), int(seed), tau)
+        out = torch.from_numpy(y).view(logits.shape)
+        if mode == LOG and out.dtype != logits.dtype:
+            out = out.clamp_(min=torch.finfo(logits.dtype).min)  # saturate, as the torch path does
+        return out.to(logits.dtype), torch.from_numpy(index).view(*logits.shape[:-1], 1)
     x, _ = _perturbed(logits, seed, mask, dim)
     return softmax_of_perturbed_(x, logits.dtype, tau_t, tau, dim, mode)
 
@@ -209,6 +242,9 @@ def gumbel_max_op(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -
     kernels = triton_kernels(logits)
     if kernels is not None and mask is None:
         return kernels.triton_gumbel_max(logits, dim, seed.reshape(1)).unsqueeze(dim)
+    fused, rows = _fused_rows(logits, mask, dim)
+    if fused is not None:
+        return torch.from_numpy(fused.gumbel_max(rows.numpy(), int(seed))).view(*logits.shape[:-1], 1)
     x, _ = _perturbed(logits, seed, mask, dim)
     return x.argmax(dim, keepdim=True)
 
@@ -228,8 +264,16 @@ torch.library.register_vmap(gumbel_max_op, _vmap_rule(gumbel_max_op))
 @torch.library.custom_op("gumbelkit::gumbel_topk", mutates_args=())
 def gumbel_topk_op(logits: Tensor, seed: Tensor, mask: Tensor | None, k: int, dim: int) -> tuple[Tensor, Tensor]:
     """The top ``k`` of ``logits + g`` along ``dim``: ``(values, indices)`` in sampling order."""
-    x, m = _perturbed(logits, seed, mask, dim)
-    values, indices = x.topk(k, dim)
+    fused, rows = _fused_rows(logits, mask, dim)
+    if fused is not None:
+        values, indices = fused.gumbel_topk(rows.numpy(), int(seed), k)
+        shape = (*logits.shape[:-1], k)
+        m = rows.amax(-1, keepdim=True).view(*logits.shape[:-1], 1)
+        values = torch.from_numpy(values).view(shape)
+        indices = torch.from_numpy(indices).view(shape)
+    else:
+        x, m = _perturbed(logits, seed, mask, dim)
+        values, indices = x.topk(k, dim)
     kth = values.narrow(dim, k - 1, 1)
     if not bool(torch.isfinite(kth).all()):
         short = int((~torch.isfinite(kth)).sum())
