@@ -78,7 +78,9 @@ def _module_row(make: Callable[[], nn.Module], **kw) -> Row:
             torch.manual_seed(0)
             return make()
 
-    def fn(x, g, key=str(id(make))):
+    key = str(id(make))
+
+    def fn(x, g):
         if (key, str(x.device)) not in _MODULES:
             _MODULES[key, str(x.device)] = build().to(x.device)
         return _MODULES[key, str(x.device)](x)
@@ -89,8 +91,8 @@ def _module_row(make: Callable[[], nn.Module], **kw) -> Row:
 def _estimator_row(method: str) -> Row:
     if method in ("reinforce", "rloo"):  # score-function estimators: the sample and its log-probability
         def fn(x, g):
-            z, log_p = estimators.sample_with_log_prob(x, 2, generator=g)
-            return log_p
+            _, log_p = estimators.sample_with_log_prob(x, 2, generator=g)
+            return log_p.T  # (batch, n): batch first, like the other rows
         return Row(fn)
     return Row(lambda x, g, method=method: estimators.sample(x, method=method, tau=0.7, generator=g))
 
@@ -107,7 +109,8 @@ def _baseline_relaxed(x, g):
 ROWS: dict[str, Row] = {
     "gumbel_softmax": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g)),
     "gumbel_softmax hard": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, hard=True, generator=g)),
-    "gumbel_softmax tensor tau": Row(lambda x, g: gk.gumbel_softmax(x, torch.full((x.shape[0], 1), 0.7, device=x.device), generator=g)),
+    "gumbel_softmax tensor tau": Row(lambda x, g: gk.gumbel_softmax(
+        x, torch.full((x.shape[0], 1), 0.7, device=x.device), generator=g)),
     "gumbel_softmax mask": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g,
                                                               mask=torch.arange(x.shape[-1], device=x.device) != 1)),
     "log_gumbel_softmax": Row(lambda x, g: gk.log_gumbel_softmax(x, 0.7, generator=g)),
