@@ -101,6 +101,20 @@ def _concrete(x, g):
     return gk.distributions.Concrete(0.7, logits=x, validate_args=False).rsample()
 
 
+def _dist(name: str, draw: str = "rsample") -> Callable:
+    D = gk.distributions
+
+    def make(x):
+        return {"ExpConcrete": lambda: D.ExpConcrete(0.7, logits=x, validate_args=False),
+                "BinaryConcrete": lambda: D.BinaryConcrete(0.7, logits=x, validate_args=False),
+                "HardConcrete": lambda: D.HardConcrete(0.7, x, validate_args=False),
+                "PlackettLuce": lambda: D.PlackettLuce(x, validate_args=False)}[name]()
+
+    if draw == "log_prob":
+        return lambda x, g: D.Concrete(0.7, logits=x, validate_args=False).log_prob(torch.softmax(x.detach() * 0.5, -1))
+    return lambda x, g: getattr(make(x), draw)()
+
+
 def _baseline_relaxed(x, g):
     d = torch.distributions.RelaxedOneHotCategorical(torch.tensor(0.7), logits=x, validate_args=False)
     return d.rsample()
@@ -128,6 +142,15 @@ ROWS: dict[str, Row] = {
     "nn.L0Gate": _module_row(lambda: _Head(gk.nn.L0Gate(8))),
     "nn.CategoricalVAE": _module_row(_VAE),
     "distributions.Concrete.rsample": Row(_concrete, generator=False),
+    "distributions.Concrete.log_prob": Row(_dist("Concrete", "log_prob"), generator=False),
+    "distributions.ExpConcrete.rsample": Row(_dist("ExpConcrete"), generator=False),
+    "distributions.BinaryConcrete.rsample": Row(_dist("BinaryConcrete"), generator=False),
+    "distributions.HardConcrete.rsample": Row(_dist("HardConcrete"), generator=False),
+    "distributions.PlackettLuce.sample": Row(_dist("PlackettLuce", "sample"), generator=False, differentiable=False),
+    "structured.relaxed_topk": Row(lambda x, g: gk.relaxed_topk(x, 3, tau=0.7, generator=g)),
+    "structured.relaxed_topk hard": Row(lambda x, g: gk.relaxed_topk(x, 3, tau=0.7, hard=True, generator=g)),
+    "structured.gumbel_sinkhorn": Row(lambda x, g: gk.gumbel_sinkhorn(x, tau=0.7, n_iters=5, generator=g),
+                                      shape=(4, 4)),
     **{f"estimators {m}": _estimator_row(m) for m in estimators.available()},
     "torch F.gumbel_softmax": Row(lambda x, g: F.gumbel_softmax(x, 0.7), generator=False, torch_baseline=True),
     "torch F.gumbel_softmax hard": Row(lambda x, g: F.gumbel_softmax(x, 0.7, hard=True), generator=False,
