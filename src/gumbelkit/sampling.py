@@ -484,7 +484,7 @@ def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _z64(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``(l - m) / T`` in float64 (the difference is exact for float32 and half logits)."""
-    return l.double().sub_(m.double().unsqueeze(-1)).div_(temperature.unsqueeze(-1))
+    return l.to(torch.float64, copy=True).sub_(m.double().unsqueeze(-1)).div_(temperature.unsqueeze(-1))
 
 
 def _row_mass(
@@ -642,7 +642,7 @@ def _search_chunk(
     zs[row, pos] = z[row, col]
     ws[row, pos] = w[row, col]
     cols[row, pos] = col
-    zs, order = zs.sort(-1, descending=True, stable=True)
+    zs, order = zs.sort(dim=-1, descending=True, stable=True)
     cum = above.unsqueeze(-1) + ws.gather(-1, order).cumsum(-1)
     reach = cum >= target.unsqueeze(-1)
     j = torch.where(reach[:, -1], (~reach).sum(-1), counts - 1).clamp(0, width - 1)
