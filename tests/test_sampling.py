@@ -826,12 +826,16 @@ def test_sample_impl_takes_tensors_and_a_seed():
 # ---------------------------------------------------------------------- docs/sampling.md
 
 
-def test_docs_sampling_examples_run():
-    """Every python block of docs/sampling.md runs (they assert their own results)."""
+def test_docs_sampling_examples_run(monkeypatch):
+    """Every python block of docs/sampling.md runs from the repository root (they assert their
+    own results)."""
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parent.parent / "docs" / "sampling.md").read_text()
+    root = pathlib.Path(__file__).parent.parent
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    text = (root / "docs" / "sampling.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks
     for block in blocks:
