@@ -166,27 +166,36 @@ def test_other_dtypes(dtype):
 
 
 @pytest.mark.parametrize(
-    "first, fraction, bins, cap",
-    [(2, 0.5, 4, 2), (1 << 20, 0.25, 2048, 512), (256, 1e-9, 2048, 512), (1, 0.25, 3, 1)],
+    "first, fraction, bins, cap, pack",
+    [
+        (2, 0.5, 4, 2, 0.125),
+        (1 << 20, 0.25, 2048, 512, 0.125),
+        (256, 1e-9, 2048, 512, 0.125),
+        (1, 0.25, 3, 1, 0.125),
+        (256, 0.25, 2048, 512, 0.0),
+        (0, 0.25, 2048, 512, 1.0),
+    ],
 )
-def test_candidate_strategy_never_changes_the_token(monkeypatch, first, fraction, bins, cap):
-    """The kept set is defined by values, and seeded noise by token id: tiny candidate sets
-    with a many-level histogram search, one set the size of the row, or always the full sort
-    give the same tokens and the same log-probabilities."""
+def test_candidate_strategy_never_changes_the_token(monkeypatch, first, fraction, bins, cap, pack):
+    """The kept set is defined by values, and seeded noise by token id: candidates first or
+    not, a many-level histogram search, one candidate set the size of the row, always the full
+    sort, drawing over packed kept tokens or over whole rows: the same tokens and the same
+    log-probabilities."""
     logits, params, seeds = _mixed_batch()
     expect = sample(logits, seeds=seeds, return_logprobs=True, **params)
     monkeypatch.setattr(sampling, "_FIRST_CANDIDATES", first)
     monkeypatch.setattr(sampling, "_SORT_FRACTION", fraction)
     monkeypatch.setattr(sampling, "_BINS", bins)
     monkeypatch.setattr(sampling, "_CAP", cap)
+    monkeypatch.setattr(sampling, "_PACK_FRACTION", pack)
     got = sample(logits, seeds=seeds, return_logprobs=True, **params)
     assert torch.equal(got.ids, expect.ids)
     assert torch.equal(got.logprobs, expect.logprobs)
 
 
 def test_nucleus_sizes_of_the_mixed_batch_reach_every_stage():
-    """The mixed batch has nuclei inside the first candidate set and beyond it (the histogram
-    search), so the tests above go through every stage with the default sizes."""
+    """The mixed batch has nuclei smaller and larger than the histogram's final bin and than the
+    packed-draw limit, so the tests above go through every stage with the default sizes."""
     logits, params, _ = _mixed_batch()
     sizes = [
         int((processed_probs(logits[r], top_p=params["top_p"][r].item()) > 0).sum())
@@ -194,8 +203,8 @@ def test_nucleus_sizes_of_the_mixed_batch_reach_every_stage():
         if params["top_k"][r] == 0 and params["top_p"][r] < 1
     ]
     vocab = logits.shape[1]
-    assert min(sizes) < sampling._FIRST_CANDIDATES < max(sizes)
-    assert max(sizes) > sampling._CAP and max(sizes) > vocab / 2
+    assert min(sizes) < sampling._CAP < max(sizes)
+    assert min(sizes) < sampling._PACK_FRACTION * vocab < max(sizes)
 
 
 # ------------------------------------------------------------------ greedy, log-probs
@@ -618,9 +627,10 @@ def test_named_top_p_rows_match_the_exact_and_transformers_sets(probs, top_p, ex
 
 
 STRATEGIES = {
-    "candidates": {},
-    "histogram": dict(_FIRST_CANDIDATES=1, _BINS=3, _CAP=1),
-    "sort": dict(_SORT_FRACTION=1e-9),
+    "default": {},
+    "candidates": dict(_FIRST_CANDIDATES=2),
+    "histogram": dict(_BINS=3, _CAP=1, _PACK_FRACTION=1.0),
+    "sort": dict(_SORT_FRACTION=1e-9, _PACK_FRACTION=0.0),
 }
 
 

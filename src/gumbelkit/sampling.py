@@ -31,10 +31,11 @@ from .noise import gumbel_noise_like
 __all__ = ["SampleOutput", "sample"]
 
 _NEG_INF = float("-inf")
-# Top-p without top-k first looks at the _FIRST_CANDIDATES largest logits; rows whose nucleus
-# is not decided there go to the histogram search. A candidate set larger than
+# Top-p without top-k goes to the histogram search; with _FIRST_CANDIDATES > 0 it first looks
+# at that many of the largest logits (with the row's float64 normalizer) and searches only
+# the rows whose nucleus is not decided there (tests set it). A candidate set larger than
 # _SORT_FRACTION of the vocabulary (a large top_k or min_tokens_to_keep) is a full sort.
-_FIRST_CANDIDATES = 256
+_FIRST_CANDIDATES = 0
 _SORT_FRACTION = 0.25
 # The float64 passes of top-p run over chunks of rows of about this many elements (buffers
 # that malloc reuses instead of fresh pages).
@@ -45,7 +46,9 @@ _BINS = 2048
 _CAP = 512
 _MAX_LEVELS = 8
 # Streams derived from the generator-mode seed (so two draws in one call never share noise).
-_STREAM_CANDIDATES, _STREAM_ROWS, _STREAM_TIES = 1, 2, 3
+_STREAM_CANDIDATES, _STREAM_ROWS, _STREAM_TIES, _STREAM_PACKED = 1, 2, 3, 4
+# Rows that keep at most this fraction of the vocabulary draw noise for their kept tokens only.
+_PACK_FRACTION = 0.125
 # Seeds-mode tie-break uniforms come from counter_uniform(seed ^ _TIE_KEY, token_id).
 _TIE_KEY = 0x5851F42D4C957F2D
 
@@ -447,7 +450,8 @@ def _thresholds(
     keep_n = min_keep.clamp(max=vocab)
     p_on = top_p < 1
     need = torch.where(k > 0, k + 1, 0)
-    need = torch.where(p_on & (k == 0), need.clamp(min=_FIRST_CANDIDATES), need)
+    if _FIRST_CANDIDATES > 0:
+        need = torch.where(p_on & (k == 0), need.clamp(min=_FIRST_CANDIDATES), need)
     need = torch.where(keep_n > 1, torch.maximum(need, keep_n + 1), need).clamp(max=vocab)
     c = int(need.max())
     values = ids = None
@@ -521,30 +525,33 @@ def _top_p_threshold(
     The crossing value is the largest value ``v`` whose mass at or above it,
     ``g(v) = sum_{z_j >= v} w_j`` over ``K_1``, reaches ``p * Z`` (``Z = g(-inf)``): a token is
     kept iff the mass strictly above it is ``< p * Z``. Weights ``w = exp(z)`` are float64.
+    Rows whose ``K_1`` lies among the candidates (top-k without a tie past the k'-th) use
+    them; the others use the histogram search over the whole row.
     """
-    assert values is not None
     n = l.shape[0]
     on = top_p < 1
     out = torch.full((n,), _NEG_INF, dtype=l.dtype, device=l.device)
-    inside = on & (k > 0) & ~spill  # K_1 lies among the candidates
-    outside = on & ~inside
-    total = torch.zeros(n, dtype=torch.float64, device=l.device)
-    if bool(outside.any()):
-        o = outside.nonzero().flatten()
-        total[o] = _row_mass(l[o], m[o], temperature[o], t_k[o])
-    w = _z64(values, m, temperature).exp_()
-    w.masked_fill_(values < t_k.unsqueeze(-1), 0.0)
-    cum = w.cumsum_(-1)
-    total = torch.where(inside, cum[:, -1], total)
-    target = top_p * total
-    reach = cum >= target.unsqueeze(-1)  # a suffix of each row: cum is non-decreasing
-    first = (~reach).sum(-1).clamp(max=values.shape[1] - 1)
-    found = on & reach[:, -1]
-    out = torch.where(found, values.gather(-1, first.unsqueeze(-1)).squeeze(-1), out)
-    miss = on & ~found
-    if bool(miss.any()):
-        r = miss.nonzero().flatten()
-        out[r] = _histogram_search(l[r], m[r], temperature[r], target[r], t_k[r])
+    inside = on & (k > 0) & ~spill
+    rest = on & ~inside
+    try_candidates = values is not None and (bool(inside.any()) or _FIRST_CANDIDATES > 0)
+    if try_candidates:
+        assert values is not None
+        total = torch.ones(n, dtype=torch.float64, device=l.device)
+        if _FIRST_CANDIDATES > 0 and bool(rest.any()):
+            o = rest.nonzero().flatten()
+            total[o] = _row_mass(l[o], m[o], temperature[o], t_k[o])
+        w = _z64(values, m, temperature).exp_()
+        w.masked_fill_(values < t_k.unsqueeze(-1), 0.0)
+        cum = w.cumsum_(-1)
+        total = torch.where(inside, cum[:, -1], total)
+        reach = cum >= (top_p * total).unsqueeze(-1)  # a suffix of each row: cum is non-decreasing
+        first = (~reach).view(torch.uint8).sum(-1, dtype=torch.int32).clamp(max=values.shape[1] - 1)
+        found = (inside | (rest & (_FIRST_CANDIDATES > 0))) & reach[:, -1]
+        out = torch.where(found, values.gather(-1, first.long().unsqueeze(-1)).squeeze(-1), out)
+        rest = on & ~found
+    if bool(rest.any()):
+        r = rest.nonzero().flatten()
+        out[r] = _histogram_search(l[r], m[r], temperature[r], top_p[r], t_k[r])
     return out
 
 
@@ -552,16 +559,16 @@ def _histogram_search(
     l: torch.Tensor,
     m: torch.Tensor,
     temperature: torch.Tensor,
-    target: torch.Tensor,
+    top_p: torch.Tensor,
     floor: torch.Tensor,
 ) -> torch.Tensor:
-    """The crossing logit of rows whose nucleus did not fit among the candidates, over chunks."""
+    """The crossing logit of each row (``K_1 = l >= floor``), over chunks of rows."""
     n, vocab = l.shape
     out = torch.empty(n, dtype=l.dtype, device=l.device)
     step = max(1, _CHUNK_ELEMENTS // vocab)
     for s in range(0, n, step):
         e = min(n, s + step)
-        out[s:e] = _search_chunk(l[s:e], m[s:e], temperature[s:e], target[s:e], floor[s:e])
+        out[s:e] = _search_chunk(l[s:e], m[s:e], temperature[s:e], top_p[s:e], floor[s:e])
     return out
 
 
@@ -569,7 +576,7 @@ def _search_chunk(
     l: torch.Tensor,
     m: torch.Tensor,
     temperature: torch.Tensor,
-    target: torch.Tensor,
+    top_p: torch.Tensor,
     floor: torch.Tensor,
 ) -> torch.Tensor:
     """Exact threshold search without sorting the row (a radix select on values, by mass).
@@ -577,7 +584,8 @@ def _search_chunk(
     Each level sorts the candidate tokens of a row into ``_BINS`` bins of equal width over
     their value range (a monotone map, so a higher bin holds only larger values and tied
     values share a bin), adds their float64 weights per bin (``scatter_add_``, sequential
-    along the row), and keeps the bin in which the mass from the top reaches the target.
+    along the row, so the sums do not depend on the batch), and keeps the bin in which the
+    mass from the top reaches ``p * Z`` (``Z``: the sum of all bins of the first level).
     Once that bin holds at most ``_CAP`` tokens (or only tied ones), its tokens are sorted
     and the crossing token found by a cumulative sum, as a full sort would.
     """
@@ -588,48 +596,56 @@ def _search_chunk(
     if bool((floor > _NEG_INF).any()):
         z.masked_fill_(l < floor.unsqueeze(-1), _NEG_INF)
     w = z.exp()
-    z.clamp_(min=-1e4)  # weight-0 tokens get finite values below every weighted one
-    above = torch.zeros(r, dtype=torch.float64, device=dev)  # the mass above the candidates
     lo = z.amin(-1)
+    if bool(torch.isneginf(lo).any()):
+        z.clamp_(min=-1e4)  # weight-0 tokens get finite values below every weighted one
+        lo = z.amin(-1)
     hi = torch.zeros(r, dtype=torch.float64, device=dev)  # the row maximum is 0
-    count = torch.full((r,), vocab, dtype=torch.float64, device=dev)
+    above = torch.zeros(r, dtype=torch.float64, device=dev)  # the mass above the candidates
+    target = above
+    count = torch.full((r,), vocab, dtype=torch.int32, device=dev)
     cand = torch.ones_like(l, dtype=torch.bool)
-    ones = torch.ones((1, 1), dtype=torch.float64, device=dev).expand(r, vocab)
-    first = True
-    for _ in range(_MAX_LEVELS):
-        active = (count > _CAP) & (hi > lo)
-        if not bool(active.any()):
+    shrink = _BINS * (1 - 2.0**-20)  # (z - lo) * scale stays below _BINS despite rounding
+    for level in range(_MAX_LEVELS):
+        active = (count > _CAP) & (hi > lo) if level else torch.ones_like(count, dtype=torch.bool)
+        if level and not bool(active.any()):
             break
-        scale = torch.where(active, _BINS / torch.where(hi > lo, hi - lo, 1.0), 0.0)
-        idx = (z - lo.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).floor_().clamp_(0, _BINS - 1)
-        idx = idx.long()
-        if not first:
+        span = hi - lo
+        scale = torch.where(active & (span > 0), shrink / torch.where(span > 0, span, 1.0), 0.0)
+        u = (z - lo.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        if level:
+            u.clamp_(0, _BINS)
+        idx = u.long()
+        del u
+        if level:
             idx.masked_fill_(~cand, _BINS)
-        first = False
-        hist_w = torch.zeros(r, _BINS + 1, dtype=torch.float64, device=dev)
-        hist_w.scatter_add_(1, idx, w)
-        hist_n = torch.zeros(r, _BINS + 1, dtype=torch.float64, device=dev)
-        hist_n.scatter_add_(1, idx, ones)
-        hist_w[:, _BINS] = 0.0
+        hist = torch.zeros(r, _BINS + 1, dtype=torch.float64, device=dev).scatter_add_(1, idx, w)
+        hist[:, _BINS] = 0.0
         # suffix[b]: the mass of the candidates in bins >= b, summed from the top bin down.
-        suffix = hist_w.flip(-1).cumsum(-1).flip(-1)
+        suffix = hist.flip(-1).cumsum(-1).flip(-1)
+        if level == 0:
+            target = top_p * suffix[:, 0]
         ok = (above.unsqueeze(-1) + suffix[:, :_BINS]) >= target.unsqueeze(-1)  # a prefix
-        b = ok.sum(-1) - 1
-        lowest = (hist_n[:, :_BINS] > 0).to(torch.uint8).argmax(-1)
+        b = ok.view(torch.uint8).sum(-1, dtype=torch.int32).long() - 1
+        lowest = (hist[:, :_BINS] > 0).view(torch.uint8).argmax(-1)
         b = torch.where(b < 0, lowest, b).unsqueeze(-1)
-        cand = (idx == b) | (cand & ~active.unsqueeze(-1))
+        new_cand = idx == b
+        del idx
+        all_active = level == 0 or bool(active.all())
+        cand = new_cand if all_active else new_cand | (cand & ~active.unsqueeze(-1))
         above = torch.where(active, above + suffix.gather(-1, b + 1).squeeze(-1), above)
-        count = torch.where(active, hist_n.gather(-1, b).squeeze(-1), count)
+        count = torch.where(active, new_cand.view(torch.uint8).sum(-1, dtype=torch.int32), count)
         more = active & (count > _CAP)
         if bool(more.any()):  # the candidates' exact range for the next level
             lo = torch.where(more, torch.where(cand, z, inf).amin(-1), lo)
             hi = torch.where(more, torch.where(cand, z, -inf).amax(-1), hi)
     # Rows left with many candidates hold one tied value (or ran out of levels).
     tied = (count > _CAP) & ~(hi > lo)
-    out = l.gather(-1, cand.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
-    if bool(tied.all()):
-        return out
-    cand &= ~tied.unsqueeze(-1)
+    if bool(tied.any()):
+        out = l.gather(-1, cand.view(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+        if bool(tied.all()):
+            return out
+        cand &= ~tied.unsqueeze(-1)
     nz = cand.nonzero()
     row, col = nz[:, 0], nz[:, 1]
     counts = torch.bincount(row, minlength=r)
@@ -645,9 +661,10 @@ def _search_chunk(
     zs, order = zs.sort(dim=-1, descending=True, stable=True)
     cum = above.unsqueeze(-1) + ws.gather(-1, order).cumsum(-1)
     reach = cum >= target.unsqueeze(-1)
-    j = torch.where(reach[:, -1], (~reach).sum(-1), counts - 1).clamp(0, width - 1)
-    crossing = cols.gather(-1, order.gather(-1, j.unsqueeze(-1)))
-    return torch.where(tied, out, l.gather(-1, crossing).squeeze(-1))
+    j = torch.where(reach[:, -1], (~reach).view(torch.uint8).sum(-1, dtype=torch.int32).long(), counts - 1)
+    crossing = cols.gather(-1, order.gather(-1, j.clamp(0, width - 1).unsqueeze(-1)))
+    found = l.gather(-1, crossing).squeeze(-1)
+    return torch.where(tied, out, found) if bool(tied.any()) else found
 
 
 def _kept_mask(
@@ -706,38 +723,57 @@ def _sample_rows(
     if kept.values is not None:
         c = kept.values.shape[1]
         fits = torch.ones_like(fits) if c == vocab else kept.values[:, -1] < thr
-    groups = []
+    # (rows, values, token ids or None for the whole row, kept mask or None, noise stream)
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]] = []
     if bool(fits.any()):
-        groups.append((fits.nonzero().flatten(), True))
+        index = fits.nonzero().flatten()
+        assert kept.values is not None and kept.ids is not None
+        v, ids = kept.values[index], kept.ids[index]
+        keep = v >= thr[index].unsqueeze(-1)
+        width = int(keep.view(torch.uint8).sum(-1, dtype=torch.int32).max())
+        groups.append((index, v[:, :width], ids[:, :width], keep[:, :width], _STREAM_CANDIDATES))
     if not bool(fits.all()):
-        groups.append(((~fits).nonzero().flatten(), False))
-    for index, candidates in groups:
-        everyone = index.numel() == n
-
-        def take(t: torch.Tensor, index: torch.Tensor = index, everyone: bool = everyone) -> torch.Tensor:
-            return t if everyone else t[index]
-
-        t_i, m_i, thr_i = take(temperature), take(m), take(thr)
-        s_i = None if seeds is None else take(seeds)
-        if candidates:
-            assert kept.values is not None and kept.ids is not None
-            v, ids = take(kept.values), take(kept.ids)
-            keep = v >= thr_i.unsqueeze(-1)
-            width = int(keep.sum(-1).max())
-            v, ids, keep = v[:, :width], ids[:, :width], keep[:, :width]
-            stream = _STREAM_CANDIDATES
+        index = (~fits).nonzero().flatten()
+        v = l if index.numel() == n else l[index]
+        t = thr[index]
+        if not bool((t > _NEG_INF).any()):
+            groups.append((index, v, None, None, _STREAM_ROWS))
         else:
-            v, ids = take(l), None
-            keep = None
-            if bool((thr_i > _NEG_INF).any()):
-                keep = v >= thr_i.unsqueeze(-1)
-            stream = _STREAM_ROWS
+            keep = v >= t.unsqueeze(-1)
+            small = keep.view(torch.uint8).sum(-1, dtype=torch.int32) <= _PACK_FRACTION * vocab
+            if bool(small.any()):  # few kept tokens: draw noise for those only
+                sel = small.nonzero().flatten()
+                ids, kmask = _pack(keep[sel])
+                groups.append((index[sel], v[sel].gather(-1, ids), ids, kmask, _STREAM_PACKED))
+            if not bool(small.all()):
+                big = (~small).nonzero().flatten()
+                groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
+    for index, v, ids, keep, stream in groups:
+        everyone = index.numel() == n
+        t_i = temperature if everyone else temperature[index]
+        m_i = m if everyone else m[index]
+        s_i = None if seeds is None else (seeds if everyone else seeds[index])
         z = _scaled(v, m_i, t_i)
         col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
         token[index] = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
         if want_logprobs:
             logprob[index] = _logprob(z, ids, keep, col, vocab)
     return token, logprob
+
+
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column ids of the True entries of each row, left-aligned in id order, and which
+    entries of that ``(n, width)`` block are real (the rest repeat column 0, masked off)."""
+    n = mask.shape[0]
+    nz = mask.nonzero()
+    row, col = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(row, minlength=n)
+    pos = torch.arange(len(row), device=mask.device) - (counts.cumsum(0) - counts)[row]
+    width = int(counts.max())
+    ids = torch.zeros((n, width), dtype=torch.int64, device=mask.device)
+    ids[row, pos] = col
+    real = torch.arange(width, device=mask.device) < counts.unsqueeze(-1)
+    return ids, real
 
 
 def _scaled(v: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
