@@ -3,9 +3,8 @@ r"""Next-token sampling for language models with the Gumbel-Max trick.
 :func:`sample` draws one token per row of ``(B, V)`` logits after the usual processing
 (temperature, top-k, top-p, min-p, ``min_tokens_to_keep``), exactly from the processed
 distribution. Every truncation is a threshold on the row's own logit values, found without
-sorting the vocabulary: top-k is one :func:`torch.topk`; top-p looks at the largest logits
-first and, when the nucleus does not fit among them, runs an exact histogram search for the
-threshold with float64 masses; the draw is a Gumbel-Max over the kept tokens, in float32 or
+sorting the vocabulary: top-k is one :func:`torch.topk`; top-p runs an exact histogram
+search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept tokens, in float32 or
 better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
 function of its own seed and logits (batch-invariant sampling; see
 :mod:`gumbelkit._counter_noise`).
@@ -207,11 +206,13 @@ def sample(
     to float64 rounding of the sums (about 1e-16 relative). ``-inf`` logits are impossible
     tokens.
 
-    Only the kept tokens are drawn where that is cheaper: top-k is :func:`torch.topk` of
-    ``k' + 1`` logits; top-p without top-k tries the 256 largest logits and otherwise finds
-    its threshold with a histogram search (float64 masses per bin of values, refined inside
-    the bin that crosses ``p``, then the few tokens of that bin sorted), so flat rows cost
-    a few passes over the row instead of a sort.
+    How: every rule keeps the tokens at or above a value, so the kept set is
+    ``logits >= threshold`` per row. top-k is :func:`torch.topk` of ``k' + 1`` logits;
+    top-p without top-k finds its threshold with an exact histogram search (float64 masses
+    per bin of values, refined inside the bin that crosses ``p``, then the few tokens of that
+    bin sorted), so even a flat row, whose nucleus is most of the vocabulary, costs a few
+    passes instead of a sort. The noise is drawn for the kept tokens only when they are at
+    most an eighth of the vocabulary, else over the whole row with the threshold as a mask.
 
     Args:
         logits: ``(B, V)`` floating-point logits.
@@ -839,7 +840,7 @@ def _gumbel_max(
         score.masked_fill_(~keep, _NEG_INF)
     col = score.argmax(-1, keepdim=True)
     best = score.gather(-1, col)
-    tied = ((score == best).sum(-1, dtype=torch.int32) > 1).nonzero().flatten()
+    tied = ((score == best).view(torch.uint8).sum(-1, dtype=torch.int32) > 1).nonzero().flatten()
     if tied.numel():
         # A uniform per (row, token) orders the tied maxima: each wins with equal probability.
         p = pos if pos.dim() == 1 else pos[tied]
