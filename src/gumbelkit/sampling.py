@@ -4,8 +4,8 @@ r"""Next-token sampling for language models with the Gumbel-Max trick.
 (temperature, top-k, top-p, min-p, ``min_tokens_to_keep``), exactly from the processed
 distribution. Every truncation is a threshold on the row's own logit values, found without
 sorting the vocabulary: top-k is one :func:`torch.topk`; top-p runs an exact histogram
-search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept tokens, in float32 or
-better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
+search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept
+tokens, in float32 or better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
 function of its own seed and logits (batch-invariant sampling; see
 :mod:`gumbelkit._counter_noise`).
 
@@ -30,11 +30,11 @@ from .noise import gumbel_noise_like
 __all__ = ["SampleOutput", "sample"]
 
 _NEG_INF = float("-inf")
-# Top-p without top-k goes to the histogram search; with _FIRST_CANDIDATES > 0 it first looks
-# at that many of the largest logits (with the row's float64 normalizer) and searches only
-# the rows whose nucleus is not decided there (tests set it). A candidate set larger than
+# Top-p without top-k first looks at the _FIRST_CANDIDATES largest logits (with the row's
+# float64 normalizer) and runs the histogram search only for the rows whose nucleus is not
+# decided there (0: always the search; tests set it). A candidate set larger than
 # _SORT_FRACTION of the vocabulary (a large top_k or min_tokens_to_keep) is a full sort.
-_FIRST_CANDIDATES = 0
+_FIRST_CANDIDATES = 256
 _SORT_FRACTION = 0.25
 # The float64 passes of top-p run over chunks of rows of about this many elements (buffers
 # that malloc reuses instead of fresh pages).
@@ -489,7 +489,10 @@ def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _z64(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``(l - m) / T`` in float64 (the difference is exact for float32 and half logits)."""
-    return l.to(torch.float64, copy=True).sub_(m.double().unsqueeze(-1)).div_(temperature.unsqueeze(-1))
+    z = torch.sub(l, m.double().unsqueeze(-1))  # promoted to float64 in one pass, a new tensor
+    if bool((temperature != 1).any()):
+        z.div_(temperature.unsqueeze(-1))
+    return z
 
 
 def _row_mass(
@@ -538,7 +541,9 @@ def _top_p_threshold(
     if try_candidates:
         assert values is not None
         total = torch.ones(n, dtype=torch.float64, device=l.device)
-        if _FIRST_CANDIDATES > 0 and bool(rest.any()):
+        if _FIRST_CANDIDATES > 0 and bool(rest.all()):
+            total = _row_mass(l, m, temperature, t_k)
+        elif _FIRST_CANDIDATES > 0 and bool(rest.any()):
             o = rest.nonzero().flatten()
             total[o] = _row_mass(l[o], m[o], temperature[o], t_k[o])
         w = _z64(values, m, temperature).exp_()
@@ -550,6 +555,8 @@ def _top_p_threshold(
         found = (inside | (rest & (_FIRST_CANDIDATES > 0))) & reach[:, -1]
         out = torch.where(found, values.gather(-1, first.long().unsqueeze(-1)).squeeze(-1), out)
         rest = on & ~found
+    if bool(rest.all()):
+        return _histogram_search(l, m, temperature, top_p, t_k)
     if bool(rest.any()):
         r = rest.nonzero().flatten()
         out[r] = _histogram_search(l[r], m[r], temperature[r], top_p[r], t_k[r])
@@ -742,11 +749,16 @@ def _sample_rows(
         else:
             keep = v >= t.unsqueeze(-1)
             small = keep.view(torch.uint8).sum(-1, dtype=torch.int32) <= _PACK_FRACTION * vocab
-            if bool(small.any()):  # few kept tokens: draw noise for those only
+            if bool(small.all()):
+                ids, kmask = _pack(keep)
+                groups.append((index, v.gather(-1, ids), ids, kmask, _STREAM_PACKED))
+            elif bool(small.any()):  # few kept tokens: draw noise for those only
                 sel = small.nonzero().flatten()
                 ids, kmask = _pack(keep[sel])
                 groups.append((index[sel], v[sel].gather(-1, ids), ids, kmask, _STREAM_PACKED))
-            if not bool(small.all()):
+            if not bool(small.any()):
+                groups.append((index, v, None, keep, _STREAM_ROWS))
+            elif not bool(small.all()):
                 big = (~small).nonzero().flatten()
                 groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
     for index, v, ids, keep, stream in groups:
