@@ -537,14 +537,17 @@ def _top_p_threshold(
     out = torch.full((n,), _NEG_INF, dtype=l.dtype, device=l.device)
     inside = on & (k > 0) & ~spill
     rest = on & ~inside
-    try_candidates = values is not None and (bool(inside.any()) or _FIRST_CANDIDATES > 0)
+    screened = rest & False
+    if _FIRST_CANDIDATES > 0 and values is not None and bool(rest.any()):
+        screened = rest & _nucleus_among_candidates(l, values, m, temperature, top_p, t_k)
+    try_candidates = values is not None and bool((inside | screened).any())
     if try_candidates:
         assert values is not None
         total = torch.ones(n, dtype=torch.float64, device=l.device)
-        if _FIRST_CANDIDATES > 0 and bool(rest.all()):
+        if bool(screened.all()):
             total = _row_mass(l, m, temperature, t_k)
-        elif _FIRST_CANDIDATES > 0 and bool(rest.any()):
-            o = rest.nonzero().flatten()
+        elif bool(screened.any()):
+            o = screened.nonzero().flatten()
             total[o] = _row_mass(l[o], m[o], temperature[o], t_k[o])
         w = _z64(values, m, temperature).exp_()
         w.masked_fill_(values < t_k.unsqueeze(-1), 0.0)
@@ -552,7 +555,7 @@ def _top_p_threshold(
         total = torch.where(inside, cum[:, -1], total)
         reach = cum >= (top_p * total).unsqueeze(-1)  # a suffix of each row: cum is non-decreasing
         first = (~reach).view(torch.uint8).sum(-1, dtype=torch.int32).clamp(max=values.shape[1] - 1)
-        found = (inside | (rest & (_FIRST_CANDIDATES > 0))) & reach[:, -1]
+        found = (inside | screened) & reach[:, -1]
         out = torch.where(found, values.gather(-1, first.long().unsqueeze(-1)).squeeze(-1), out)
         rest = on & ~found
     if bool(rest.all()):
@@ -561,6 +564,27 @@ def _top_p_threshold(
         r = rest.nonzero().flatten()
         out[r] = _histogram_search(l[r], m[r], temperature[r], top_p[r], t_k[r])
     return out
+
+
+def _nucleus_among_candidates(
+    l: torch.Tensor,
+    values: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    floor: torch.Tensor,
+) -> torch.Tensor:
+    """A cheap screen (compute dtype): does the nucleus clearly lie among the candidates?
+
+    Only chooses the path (candidates with the exact float64 normalizer, or the histogram
+    search); both decide exactly. A 1e-3 relative margin covers the screen's rounding.
+    """
+    z = _scaled(l, m, temperature)
+    if bool((floor > _NEG_INF).any()):
+        z.masked_fill_(l < floor.unsqueeze(-1), _NEG_INF)
+    total = z.exp_().cumsum_(-1)[:, -1].double()  # sequential: the same for any batch
+    w = _z64(values, m, temperature).exp_().masked_fill_(values < floor.unsqueeze(-1), 0.0)
+    return w.sum(-1) >= top_p * total * (1 + 1e-3)
 
 
 def _histogram_search(
