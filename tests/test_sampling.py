@@ -20,6 +20,7 @@ from scipy import stats
 
 import gumbelkit._counter_noise as cn
 import gumbelkit.sampling as sampling
+import reference as ref
 from gumbelkit.noise import gumbel_noise_like
 from gumbelkit.sampling import sample
 
@@ -41,21 +42,26 @@ def processed_probs(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
+    min_tokens_to_keep: int = 1,
 ) -> torch.Tensor:
     """The processed distribution of one row, in float64, from the definitions."""
     l = logits.double()
     if temperature == 0:
         return torch.nn.functional.one_hot(l.argmax(), len(l)).double()
-    z = l / temperature
-    keep = z > NEG_INF
-    if top_k and top_k < len(z):  # K1: at least the k-th largest value, ties included
-        keep &= z >= z.sort(descending=True).values[top_k - 1]
+    z = (l - l.max()) / temperature
+    finite = z > NEG_INF
+    keep = finite.clone()
+    # "the n largest", ties included (all possible tokens when there are fewer)
+    nth = z.sort(descending=True).values[min(min_tokens_to_keep, int(finite.sum())) - 1]
+    at_least = finite & (z >= nth)
+    if top_k and max(top_k, min_tokens_to_keep) < len(z):  # K1: ties with the k'-th included
+        keep &= z >= z.sort(descending=True).values[max(top_k, min_tokens_to_keep) - 1]
     if top_p is not None and top_p < 1:  # K2: the mass of strictly more probable tokens < p
         pi = torch.softmax(z.masked_fill(~keep, NEG_INF), 0)
         greater = (z.unsqueeze(0) > z.unsqueeze(1)) & keep.unsqueeze(0)  # [i, j]: z_j > z_i
-        keep &= (greater.double() * pi.unsqueeze(0)).sum(1) < top_p
+        keep &= ((greater.double() * pi.unsqueeze(0)).sum(1) < top_p) | at_least
     if min_p:  # K3
-        keep &= z >= z[keep].max() + math.log(min_p)
+        keep &= (z >= z[keep].max() + math.log(min_p)) | at_least
     return torch.softmax(z.masked_fill(~keep, NEG_INF), 0)
 
 
@@ -121,10 +127,13 @@ def test_frequencies_match_processed_distribution(temperature, top_k, top_p, min
 
 @pytest.fixture
 def tiny_candidates(monkeypatch):
-    """Force top-p through every stage: 2 candidates, doubling, a full sort past half the row."""
+    """Force top-p through every stage: 2 candidates, then a histogram search of 4 bins per level
+    that refines until at most 2 tokens are left (several levels), small float64 chunks."""
     monkeypatch.setattr(sampling, "_FIRST_CANDIDATES", 2)
-    monkeypatch.setattr(sampling, "_GROWTH", 2)
     monkeypatch.setattr(sampling, "_SORT_FRACTION", 0.5)
+    monkeypatch.setattr(sampling, "_BINS", 4)
+    monkeypatch.setattr(sampling, "_CAP", 2)
+    monkeypatch.setattr(sampling, "_CHUNK_ELEMENTS", 1 << 16)
 
 
 @pytest.mark.parametrize("top_p, min_p, seed", [(0.3, None, 0), (0.9, None, 1), (0.97, 0.02, 2)])
@@ -157,24 +166,36 @@ def test_other_dtypes(dtype):
 
 
 @pytest.mark.parametrize(
-    "first, growth, fraction", [(2, 2, 0.5), (1 << 20, 8, 0.25), (256, 8, 1e-9)]
+    "first, fraction, bins, cap, pack",
+    [
+        (2, 0.5, 4, 2, 0.125),
+        (1 << 20, 0.25, 2048, 512, 0.125),
+        (256, 1e-9, 2048, 512, 0.125),
+        (1, 0.25, 3, 1, 0.125),
+        (256, 0.25, 2048, 512, 0.0),
+        (0, 0.25, 2048, 512, 1.0),
+    ],
 )
-def test_candidate_strategy_never_changes_the_token(monkeypatch, first, growth, fraction):
-    """The kept set is defined by values, and seeded noise by token id: tiny candidate sets
-    that grow, one set the size of the row, or always the full sort give the same tokens."""
+def test_candidate_strategy_never_changes_the_token(monkeypatch, first, fraction, bins, cap, pack):
+    """The kept set is defined by values, and seeded noise by token id: candidates first or
+    not, a many-level histogram search, one candidate set the size of the row, always the full
+    sort, drawing over packed kept tokens or over whole rows: the same tokens and the same
+    log-probabilities."""
     logits, params, seeds = _mixed_batch()
     expect = sample(logits, seeds=seeds, return_logprobs=True, **params)
     monkeypatch.setattr(sampling, "_FIRST_CANDIDATES", first)
-    monkeypatch.setattr(sampling, "_GROWTH", growth)
     monkeypatch.setattr(sampling, "_SORT_FRACTION", fraction)
+    monkeypatch.setattr(sampling, "_BINS", bins)
+    monkeypatch.setattr(sampling, "_CAP", cap)
+    monkeypatch.setattr(sampling, "_PACK_FRACTION", pack)
     got = sample(logits, seeds=seeds, return_logprobs=True, **params)
     assert torch.equal(got.ids, expect.ids)
     assert torch.equal(got.logprobs, expect.logprobs)
 
 
 def test_nucleus_sizes_of_the_mixed_batch_reach_every_stage():
-    """The mixed batch has nuclei inside the first candidate set, beyond it, and beyond the sort
-    threshold, so the tests above go through every stage with the default sizes."""
+    """The mixed batch has nuclei smaller and larger than the histogram's final bin and than the
+    packed-draw limit, so the tests above go through every stage with the default sizes."""
     logits, params, _ = _mixed_batch()
     sizes = [
         int((processed_probs(logits[r], top_p=params["top_p"][r].item()) > 0).sum())
@@ -182,8 +203,8 @@ def test_nucleus_sizes_of_the_mixed_batch_reach_every_stage():
         if params["top_k"][r] == 0 and params["top_p"][r] < 1
     ]
     vocab = logits.shape[1]
-    assert min(sizes) < sampling._FIRST_CANDIDATES < max(sizes)
-    assert max(sizes) > sampling._SORT_FRACTION * vocab
+    assert min(sizes) < sampling._CAP < max(sizes)
+    assert min(sizes) < sampling._PACK_FRACTION * vocab < max(sizes)
 
 
 # ------------------------------------------------------------------ greedy, log-probs
@@ -278,18 +299,20 @@ def test_generator_reproducible_and_follows_the_noise_contract():
     logits = torch.randn(16, 100, generator=gen(11))
     a = sample(logits, top_p=0.9, temperature=0.8, generator=gen(12))
     assert torch.equal(a, sample(logits, top_p=0.9, temperature=0.8, generator=gen(12)))
-    # Without truncation the noise is exactly gumbel_noise_like(logits / T).
-    z = logits / 0.8
-    expect = (z + gumbel_noise_like(z, generator=gen(13))).argmax(-1)
+    # One int64 seed is drawn from the generator; without truncation the noise is
+    # gumbel_noise_like((logits - max) / T) from a generator seeded with the row stream's seed.
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=gen(13))
+    z = (logits - logits.amax(-1, keepdim=True)) / 0.8
+    stream = int(sampling._stream_seed(seed, sampling._STREAM_ROWS)) & (2**64 - 1)
+    expect = (z + gumbel_noise_like(z, generator=gen(stream))).argmax(-1)
     assert torch.equal(sample(logits, temperature=0.8, generator=gen(13)), expect)
 
 
 def test_seeded_noise_is_the_counter_stream():
     logits = torch.randn(4, 50, generator=gen(14))
     seeds = torch.tensor([0, 1, -5, 2**62])
-    expect = (
-        logits + cn.counter_gumbel(seeds.unsqueeze(-1), torch.arange(50), torch.float32)
-    ).argmax(-1)
+    z = logits - logits.amax(-1, keepdim=True)  # shifted, then float64 noise
+    expect = (z + cn.counter_gumbel(seeds.unsqueeze(-1), torch.arange(50), torch.float64)).argmax(-1)
     assert torch.equal(sample(logits, seeds=seeds), expect)
 
 
@@ -389,8 +412,8 @@ def test_bad_shapes_and_types():
         sample(torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
         sample([[0.0, 1.0]])
-    with pytest.raises(ValueError, match="temperature is too small"):
-        sample(torch.tensor([[1e30, 0.0]]), temperature=1e-30)
+    # Formerly "temperature is too small": logits / T overflows, the T -> 0 limit is greedy.
+    assert sample(torch.tensor([[1e30, 0.0]]), temperature=1e-30).item() == 0
     assert sample(torch.zeros(0, 4), seeds=torch.zeros(0, dtype=torch.int64)).shape == (0,)
 
 
@@ -498,3 +521,332 @@ def test_docstring_examples(module):
         mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE
     )
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------- exactness at the edges (issue 11, items 2 and 3)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SOURCES = ["seeds", "generator"]
+OPTIONS = [
+    dict(),
+    dict(top_k=2),
+    dict(top_p=0.9),
+    dict(min_p=0.5),
+    dict(top_k=2, top_p=0.99, min_p=0.01, min_tokens_to_keep=2),
+]
+
+
+def _draw(rows: torch.Tensor, source: str, salt: int, **kwargs) -> torch.Tensor:
+    if source == "seeds":
+        return sample(rows, seeds=torch.arange(rows.shape[0]) + 1_000_003 * salt, **kwargs)
+    return sample(rows, generator=gen(5000 + salt), **kwargs)
+
+
+def _assert_fair(n0: int, n1: int, what: object) -> None:
+    """Two outcomes of probability 1/2 each: |n0 - n1| within 5 binomial standard deviations."""
+    assert abs(n0 - n1) <= 5 * math.sqrt(n0 + n1), (n0, n1, what)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("temperature", [1e-6, 1e-7, 1e-38, 1e-300])
+def test_issue_example_tie_at_tiny_temperature(source, temperature):
+    """sample([[20, 20, 5]], T) gives ids 0 and 1 with probability 1/2 each (was 0.74 / 1.0)."""
+    ids = _draw(torch.tensor([[20.0, 20.0, 5.0]]).expand(20_000, -1), source, 1, temperature=temperature)
+    counts = torch.bincount(ids, minlength=3).tolist()
+    assert counts[2] == 0
+    _assert_fair(counts[0], counts[1], temperature)
+
+
+@pytest.mark.parametrize("option", range(len(OPTIONS)))
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_way_ties_are_fair_at_any_scale_and_temperature(dtype, source, option):
+    """Rows [s, s, low]: ids 0 and 1 win equally often for scores s from 1 to 1e30 (what the
+    dtype holds) and temperatures from 1 down to 1e-300, in every dtype, noise source and
+    truncation path. 3000 rows per (s, T); a 5-sigma band per group."""
+    scales = [1.0, -3.0, 1e4, 6e4] if dtype == torch.float16 else [1.0, -3.0, 1e4, 1e7, 1e30]
+    temps = [1.0, 1e-3, 1e-6, 1e-7, 1e-38, 1e-300]
+    n = 3000
+    groups = list(itertools.product(scales, temps))
+    rows = torch.cat(
+        [torch.tensor([s, s, s - max(abs(s) / 2, 2.0)], dtype=dtype).expand(n, -1) for s, _ in groups]
+    )
+    temperature = torch.tensor([t for _, t in groups], dtype=torch.float64).repeat_interleave(n)
+    ids = _draw(rows, source, option, temperature=temperature, **OPTIONS[option]).view(len(groups), n)
+    for g, (s, t) in enumerate(groups):
+        counts = torch.bincount(ids[g], minlength=3).tolist()
+        if t <= 1e-3:
+            assert counts[2] == 0, (s, t)
+        _assert_fair(counts[0], counts[1], (s, t))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(top_k=3), dict(top_p=0.99), dict(min_p=0.1)])
+@pytest.mark.parametrize("source", SOURCES)
+def test_noise_ties_are_broken_uniformly(monkeypatch, source, kwargs):
+    """With noise that always ties (zeros), the tied maxima win uniformly, not the lowest id."""
+    monkeypatch.setattr(
+        sampling, "_noise", lambda z, pos, seeds, noise_seed, stream: torch.zeros(z.shape, dtype=torch.float64)
+    )
+    logits = torch.tensor([[0.0, 0.0, 0.0, -1.0]]).expand(30_000, -1)
+    counts = torch.bincount(_draw(logits, source, 2, **kwargs), minlength=4)
+    assert counts[3] == 0
+    assert stats.chisquare(counts[:3].numpy()).pvalue > P_MIN
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_and_tiny_temperatures_do_not_raise(dtype):
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0, NEG_INF]], dtype=dtype).expand(4000, -1)
+    for t in (1e-38, 1e-300, 5e-324):
+        out = sample(logits, temperature=t, seeds=torch.arange(4000), return_logprobs=True)
+        counts = torch.bincount(out.ids, minlength=5).tolist()
+        assert counts[0] == counts[3] == counts[4] == 0
+        _assert_fair(counts[1], counts[2], t)
+        assert torch.allclose(out.logprobs.double(), torch.full((4000,), -math.log(2), dtype=torch.float64),
+                              atol=1e-3)
+    flat = sample(logits, temperature=1e30, seeds=torch.arange(4000))  # nearly uniform on 4 tokens
+    assert torch.bincount(flat, minlength=5)[:4].min() > 800
+
+
+NAMED_TOP_P = [
+    ([0.5, 0.3, 0.2], 0.8, [True, True, False]),
+    ([0.35, 0.1, 0.1, 0.45], 0.8, [True, False, False, True]),
+    ([0.6, 0.3, 0.1], 0.9, None),
+    ([0.7, 0.2, 0.1], 0.9, None),
+    ([0.4, 0.4, 0.2], 0.8, None),
+]
+
+
+@pytest.mark.parametrize("probs, top_p, expect", NAMED_TOP_P)
+def test_named_top_p_rows_match_the_exact_and_transformers_sets(probs, top_p, expect):
+    logits = torch.log(torch.tensor([probs]))
+    exact = ref.exact_top_p_keep(logits[0], top_p)
+    if expect is not None:
+        assert exact == expect
+    assert (ref.hf_top_p(logits, top_p) > NEG_INF)[0].tolist() == exact  # transformers agrees
+    assert sampling._kept_mask(logits, top_p=top_p)[0].tolist() == exact
+
+
+STRATEGIES = {
+    "default": {},
+    "candidates": dict(_FIRST_CANDIDATES=2),
+    "histogram": dict(_BINS=3, _CAP=1, _PACK_FRACTION=1.0),
+    "sort": dict(_SORT_FRACTION=1e-9, _PACK_FRACTION=0.0),
+}
+
+
+def _variants(logits: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """The same rows through every path: plain, a no-op top-k (an extra impossible token), a
+    no-op min-p, and both."""
+    extra = torch.cat([logits, torch.full_like(logits[:, :1], NEG_INF)], -1)
+    v = logits.shape[1]
+    return [
+        (logits, {}),
+        (extra, dict(top_k=v)),
+        (logits, dict(min_p=1e-12)),
+        (extra, dict(top_k=v, min_p=1e-12)),
+    ]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("probs, top_p, expect", NAMED_TOP_P)
+def test_named_top_p_rows_on_every_path(monkeypatch, strategy, probs, top_p, expect):
+    """The five rows of the issue draw only their exact nucleus, at its renormalized
+    frequencies, on every path (candidates, histogram search, full sort; with and without a
+    no-op top-k or min-p; seeds or generator)."""
+    for name, value in STRATEGIES[strategy].items():
+        monkeypatch.setattr(sampling, name, value)
+    logits = torch.log(torch.tensor([probs]))
+    keep = torch.tensor(ref.exact_top_p_keep(logits[0], top_p))
+    q = torch.tensor(probs, dtype=torch.float64) * keep
+    q /= q.sum()
+    for salt, (rows, extra) in enumerate(_variants(logits)):
+        for source in SOURCES:
+            ids = _draw(rows.expand(20_000, -1), source, salt, top_p=top_p, **extra)
+            assert chi2_pvalue(ids, torch.cat([q, torch.zeros(rows.shape[1] - len(q), dtype=q.dtype)])) > P_MIN
+
+
+def _near_p_rows(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``dtype`` and per-row top_p within 1e-7 of an exact prefix mass (both sides)."""
+    g = gen(seed)
+    rows, ps = [], []
+    for delta in (-1e-7, -3e-8, -1e-9, 1e-9, 3e-8, 1e-7):
+        for _ in range(4):
+            row = (torch.randn(12, generator=g) * 2).to(dtype)
+            w = torch.exp(row.double() - row.double().max())
+            masses = (w.sort(descending=True).values.cumsum(0) / w.sum()).tolist()
+            j = int(torch.randint(0, 10, (), generator=g))
+            rows.append(row)
+            ps.append(masses[j] + delta)
+    return torch.stack(rows), torch.tensor(ps, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_p_within_1e7_of_p_on_every_path(monkeypatch, strategy, dtype):
+    """Rows whose prefix mass lies within 1e-7 of p (on either side) keep the exact set (exact
+    rational arithmetic on the float64 weights): the kept mask, and every draw's token and
+    log-probability, on every path and noise source."""
+    for name, value in STRATEGIES[strategy].items():
+        monkeypatch.setattr(sampling, name, value)
+    logits, ps = _near_p_rows(dtype, seed=21 + DTYPES.index(dtype))
+    exact = torch.tensor([ref.exact_top_p_keep(row, p) for row, p in zip(logits, ps.tolist(), strict=True)])
+    assert torch.equal(sampling._kept_mask(logits, top_p=ps), exact)
+    for salt, (rows, extra) in enumerate(_variants(logits)):
+        keep = torch.cat([exact, torch.zeros(len(rows), rows.shape[1] - exact.shape[1], dtype=torch.bool)], -1)
+        z = rows.double() - rows.double().amax(-1, keepdim=True)
+        log_norm = torch.logsumexp(z.masked_fill(~keep, NEG_INF), -1)
+        for rep in range(10):
+            for source in SOURCES:
+                batch = rows.repeat(20, 1)
+                out = _draw(batch, source, 100 * salt + rep, top_p=ps.repeat(20), return_logprobs=True, **extra)
+                kept = keep.repeat(20, 1).gather(-1, out.ids.unsqueeze(-1)).squeeze(-1)
+                assert kept.all(), (strategy, salt, source)
+                expect = z.repeat(20, 1).gather(-1, out.ids.unsqueeze(-1)).squeeze(-1) - log_norm.repeat(20)
+                assert torch.allclose(out.logprobs.double(), expect, atol=1e-5)
+
+
+def _sort_reference_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The sort recipe, tie-inclusive and in float64: sort, cumulative mass, the first token
+    whose cumulative mass reaches p sets the threshold."""
+    z = logits.double() - logits.double().amax(-1, keepdim=True)
+    v, order = z.sort(-1, descending=True)
+    cum = v.exp().cumsum(-1)
+    j = (cum < top_p * cum[:, -1:]).sum(-1, keepdim=True)
+    threshold = logits.gather(-1, order.gather(-1, j))
+    return logits >= threshold
+
+
+@pytest.mark.parametrize("kind", ["flat", "lm", "ties", "bf16", "masked"])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_sort_free_search_equals_the_sort_recipe(kind, top_p):
+    """The histogram search keeps exactly the sort recipe's set: flat rows, LM-like rows, rows
+    with many ties at the boundary (values on a coarse grid, bfloat16), rows with -inf."""
+    g = gen(40)
+    x = torch.randn(6, 20_000, generator=g)
+    logits = {
+        "flat": x * 0.1,
+        "lm": x * 3,
+        "ties": (x * 20).round() / 20,
+        "bf16": (x * 0.5).bfloat16(),
+        "masked": (x * 0.3).masked_fill(torch.rand(6, 20_000, generator=g) < 0.5, NEG_INF),
+    }[kind]
+    assert torch.equal(sampling._kept_mask(logits, top_p=top_p), _sort_reference_keep(logits, top_p))
+
+
+def test_ties_at_the_top_p_boundary_are_kept_whole():
+    """A tie group that crosses p is kept whole (transformers keeps a sort-order-dependent part)."""
+    logits = torch.tensor([[2.0] + [1.0] * 5000 + [0.0] * 5000])
+    for p in (0.01, 0.3, 0.6):
+        keep = sampling._kept_mask(logits, top_p=p)[0]
+        assert keep[:5001].all() and not keep[5001:].any()
+
+
+# ------------------------------------------------------------------- min_tokens_to_keep
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_min_tokens_to_keep_matches_transformers(n):
+    """Tie-free rows: the kept sets equal transformers' warpers' with min_tokens_to_keep."""
+    logits = torch.randn(4, 30, generator=gen(41), dtype=torch.float64) * 2
+    settings = itertools.product([0, 1, 5], [1.0, 0.05, 0.5], [None, 0.5, 0.99], [1.0, 0.7])
+    for top_k, top_p, min_p, t in settings:
+        ours = sampling._kept_mask(
+            logits, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p or 0.0, min_tokens_to_keep=n
+        )
+        theirs = ref.hf_processed_probs(
+            logits, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p, min_tokens_to_keep=n
+        ) > 0
+        assert torch.equal(ours, theirs), (top_k, top_p, min_p, t, n)
+        assert (ours.sum(-1) >= n).all()
+
+
+def test_min_tokens_to_keep_frequencies_and_ties():
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.0, NEG_INF])
+    for kwargs in (dict(top_k=1), dict(top_p=0.01), dict(min_p=1.0), dict(top_k=1, top_p=0.01, min_p=1.0)):
+        probs = processed_probs(logits, min_tokens_to_keep=2, **kwargs)
+        assert (probs > 0).tolist() == [True, True, True, True, False, False, False]  # ties kept
+        for source in SOURCES:
+            ids = _draw(logits.expand(N_DRAWS // 4, -1), source, 9, min_tokens_to_keep=2, **kwargs)
+            assert chi2_pvalue(ids, probs) > P_MIN
+    # more than the possible tokens: all possible tokens, never an impossible one
+    ids = sample(logits.expand(1000, -1), top_k=1, min_tokens_to_keep=100, seeds=torch.arange(1000))
+    assert ids.max() < 6
+    per_row = sample(
+        logits.expand(2, -1), top_k=1, min_tokens_to_keep=torch.tensor([1, 6]), seeds=torch.tensor([3, 4])
+    )
+    assert per_row[0] == 0
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        (0, ValueError, r"min_tokens_to_keep must lie in \[1"),
+        (-2, ValueError, "min_tokens_to_keep must lie in"),
+        (1.5, TypeError, "min_tokens_to_keep must be an int"),
+        (True, TypeError, "min_tokens_to_keep must be an int"),
+        (torch.tensor([1, 0]), ValueError, "min_tokens_to_keep must lie in"),
+        (torch.tensor([1.0, 2.0]), TypeError, "integer tensor"),
+        (torch.tensor([1, 2, 3]), ValueError, r"shape \(2,\)"),
+    ],
+)
+def test_min_tokens_to_keep_bad_values(value, error, match):
+    with pytest.raises(error, match=match):
+        sample(torch.zeros(2, 5), min_tokens_to_keep=value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=torch.tensor([1.0, -1.0], dtype=torch.float64)), "temperature must lie in"),
+        (dict(temperature=torch.tensor([1.0, float("inf")])), "temperature must be finite"),
+        (dict(top_k=torch.tensor([1, -1])), "top_k must lie in"),
+        (dict(top_p=torch.tensor([0.5, 0.0])), "top_p must lie in"),
+        (dict(min_p=torch.tensor([0.5, 2.0])), "min_p must lie in"),
+    ],
+)
+def test_bad_tensor_values_are_checked_before_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(torch.zeros(2, 5), **kwargs)
+
+
+# ---------------------------------------------------------------------- the structure
+
+
+def test_sample_impl_takes_tensors_and_a_seed():
+    """_sample_impl: per-row tensors and one int64 seed; the wrapper draws that seed from the
+    generator, so the generator path is _sample_impl with that seed."""
+    logits = torch.randn(5, 40, generator=gen(50))
+    params = (
+        torch.full((5,), 0.9, dtype=torch.float64),
+        torch.tensor([0, 3, 0, 10, 0]),
+        torch.tensor([1.0, 0.8, 0.5, 1.0, 0.95], dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+        torch.ones(5, dtype=torch.int64),
+    )
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=gen(51))
+    ids, lp = sampling._sample_impl(logits, *params, None, seed, True)
+    out = sample(
+        logits, temperature=params[0], top_k=params[1], top_p=params[2], generator=gen(51), return_logprobs=True
+    )
+    assert torch.equal(ids, out.ids) and torch.equal(lp, out.logprobs)
+    ids2, _ = sampling._sample_impl(logits, *params, torch.arange(5), None, False)
+    assert torch.equal(ids2, sample(logits, temperature=0.9, top_k=params[1], top_p=params[2], seeds=torch.arange(5)))
+
+
+# ---------------------------------------------------------------------- docs/sampling.md
+
+
+def test_docs_sampling_examples_run(monkeypatch):
+    """Every python block of docs/sampling.md runs from the repository root (they assert their
+    own results)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parent.parent
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    text = (root / "docs" / "sampling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/sampling.md", "exec"), {"__name__": "docs_sampling"})

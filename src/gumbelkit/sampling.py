@@ -1,11 +1,18 @@
 r"""Next-token sampling for language models with the Gumbel-Max trick.
 
 :func:`sample` draws one token per row of ``(B, V)`` logits after the usual processing
-(temperature, top-k, top-p, min-p), exactly from the processed distribution, without
-sorting the vocabulary where it can avoid it: top-k is one :func:`torch.topk`, top-p looks
-at a growing set of the largest logits until its mass reaches ``top_p``, and the draw is a
-Gumbel-Max over the kept tokens only. With ``seeds`` every row's token is a pure function
-of its own seed and logits (batch-invariant sampling; see :mod:`gumbelkit._counter_noise`).
+(temperature, top-k, top-p, min-p, ``min_tokens_to_keep``), exactly from the processed
+distribution. Every truncation is a threshold on the row's own logit values, found without
+sorting the vocabulary: top-k is one :func:`torch.topk`; top-p runs an exact histogram
+search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept
+tokens, in float32 or better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
+function of its own seed and logits (batch-invariant sampling; see
+:mod:`gumbelkit._counter_noise`).
+
+Structure: :func:`sample` checks what it can see without reading tensor data (types, shapes,
+dtypes, devices, Python numbers) and turns every parameter into a per-row tensor; the
+private :func:`_sample_impl` takes only tensors and Python scalars, does all data-dependent
+validation (in :func:`_check_data`) and the work, and returns ``(ids, logprobs)``.
 """
 
 from __future__ import annotations
@@ -16,19 +23,33 @@ from typing import NamedTuple
 
 import torch
 
-from ._counter_noise import counter_gumbel
+from ._counter_noise import GAMMA, counter_gumbel, counter_uniform, mix64
 from ._validation import check_generator, check_logits, compute_dtype
 from .noise import gumbel_noise_like
 
 __all__ = ["SampleOutput", "sample"]
 
 _NEG_INF = float("-inf")
-# Top-p without top-k first looks at the _FIRST_CANDIDATES largest logits, then at _GROWTH
-# times more for the rows whose nucleus did not fit, and sorts the whole row once the
-# candidate set would exceed _SORT_FRACTION of the vocabulary (tests lower these).
+# Top-p without top-k first looks at the _FIRST_CANDIDATES largest logits (with the row's
+# float64 normalizer) and runs the histogram search only for the rows whose nucleus is not
+# decided there (0: always the search; tests set it). A candidate set larger than
+# _SORT_FRACTION of the vocabulary (a large top_k or min_tokens_to_keep) is a full sort.
 _FIRST_CANDIDATES = 256
-_GROWTH = 8
 _SORT_FRACTION = 0.25
+# The float64 passes of top-p run over chunks of rows of about this many elements (buffers
+# that malloc reuses instead of fresh pages).
+_CHUNK_ELEMENTS = 1 << 20
+# Histogram search: bins per level, the crossing-bin size at which it stops refining, and
+# the most levels it runs (each level divides the value range by _BINS).
+_BINS = 2048
+_CAP = 512
+_MAX_LEVELS = 8
+# Streams derived from the generator-mode seed (so two draws in one call never share noise).
+_STREAM_CANDIDATES, _STREAM_ROWS, _STREAM_TIES, _STREAM_PACKED = 1, 2, 3, 4
+# Rows that keep at most this fraction of the vocabulary draw noise for their kept tokens only.
+_PACK_FRACTION = 0.125
+# Seeds-mode tie-break uniforms come from counter_uniform(seed ^ _TIE_KEY, token_id).
+_TIE_KEY = 0x5851F42D4C957F2D
 
 
 class SampleOutput(NamedTuple):
@@ -45,34 +66,46 @@ class SampleOutput(NamedTuple):
     logprobs: torch.Tensor
 
 
-class _Rows(NamedTuple):
-    """The per-row parameters of one group of rows (all tensors of shape ``(n,)``)."""
+# --------------------------------------------------------------------------- the wrapper
 
-    index: torch.Tensor  # positions of the rows in the batch
-    local: torch.Tensor  # positions of the rows in the group's logits
-    temperature: torch.Tensor  # > 0, compute dtype
-    top_k: torch.Tensor  # int64, 0 = off
-    top_p: torch.Tensor  # float64, 1 = off
-    min_p: torch.Tensor  # float64, 0 = off
-    seeds: torch.Tensor | None
-
-    def take(self, i: torch.Tensor) -> _Rows:
-        return _Rows(*(t if t is None else t[i] for t in self))
+# name: (integer, default, low, high, low_open, high_open)
+_RANGES: dict[str, tuple[bool, float, float, float, bool, bool]] = {
+    "temperature": (False, 1.0, 0.0, math.inf, False, True),
+    "top_k": (True, 0, 0, math.inf, False, False),
+    "top_p": (False, 1.0, 0.0, 1.0, True, False),
+    "min_p": (False, 0.0, 0.0, 1.0, False, False),
+    "min_tokens_to_keep": (True, 1, 1, math.inf, False, False),
+}
 
 
-def _row_param(
-    value: object,
-    name: str,
-    batch: int,
-    device: torch.device,
-    *,
-    integer: bool,
-    default: float,
-    low: float,
-    high: float,
-    low_open: bool,
-) -> torch.Tensor:
-    """A scalar or a ``(B,)`` tensor, checked to lie in its range, as a ``(B,)`` tensor."""
+def _range_text(name: str) -> str:
+    _, _, low, high, low_open, high_open = _RANGES[name]
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _out_of_range_message(name: str, got: object) -> str:
+    if name == "temperature":
+        if isinstance(got, float) and math.isinf(got) and got > 0:
+            return "temperature must be finite (use a large finite value for a nearly uniform draw)"
+        hint = "; use temperature=0 for greedy decoding"
+    elif name == "top_k":
+        hint = "; use 0 or None for no top-k"
+    elif name == "top_p":
+        hint = "; use 1.0 or None for no top-p"
+    elif name == "min_p":
+        hint = "; use 0.0 or None for no min-p"
+    else:
+        hint = "; use 1 to keep at least the most probable token"
+    return f"{name} must lie in {_range_text(name)}{hint}, got {got}"
+
+
+def _row_param(value: object, name: str, batch: int, device: torch.device) -> torch.Tensor:
+    """A Python number or a ``(B,)`` tensor as a ``(B,)`` int64 or float64 tensor.
+
+    Reads only Python values, dtypes, shapes and devices; a Python number is range-checked
+    here, a tensor's values by :func:`_check_data`.
+    """
+    integer, default, low, high, low_open, high_open = _RANGES[name]
     dtype = torch.int64 if integer else torch.float64
     if value is None:
         value = default
@@ -93,19 +126,18 @@ def _row_param(
                 f"{name} must be a scalar or a tensor of shape ({batch},) (one value per "
                 f"row), got shape {tuple(value.shape)}"
             )
-        t = value.to(dtype).expand(batch)
-    else:
-        if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
-            raise TypeError(
-                f"{name} must be {'an int' if integer else 'a float'} or a tensor, "
-                f"got {type(value).__name__}"
-            )
-        t = torch.full((batch,), value, dtype=dtype, device=device)
-    bad = ~((t > low) if low_open else (t >= low)) | ~(t <= high)  # NaN fails both
-    if bool(bad.any()):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must lie in {bounds}, got {t[bad][:4].tolist()}")
-    return t
+        return value.to(dtype).expand(batch).contiguous()
+    if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
+        raise TypeError(
+            f"{name} must be {'an int' if integer else 'a float'} or a tensor, "
+            f"got {type(value).__name__}"
+        )
+    v = float(value)
+    above = v > low if low_open else v >= low
+    below = v < high if high_open else v <= high
+    if not (above and below):  # NaN fails both
+        raise ValueError(_out_of_range_message(name, v))
+    return torch.full((batch,), value, dtype=dtype, device=device)
 
 
 def _check_seeds(seeds: object, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -128,226 +160,6 @@ def _check_seeds(seeds: object, batch: int, device: torch.device) -> torch.Tenso
     return seeds
 
 
-def _check_scores(
-    best: torch.Tensor, logits: torch.Tensor, local: torch.Tensor, index: torch.Tensor
-) -> None:
-    """Explain a non-finite best score: row ``i`` is ``logits[local[i]]``, batch row ``index[i]``.
-
-    The best score is computed anyway, so valid input costs one small check; the diagnosis
-    (bad logits, an empty row, or a temperature so small that ``logits / T`` overflows) runs
-    only on error.
-    """
-    if bool(torch.isfinite(best).all()):
-        return
-    rows = (~torch.isfinite(best)).nonzero().flatten()
-    bad = logits[local[rows]]
-    for found, what in (
-        (torch.isnan(bad).any(-1), "NaN; check the model that produced them"),
-        (torch.isposinf(bad).any(-1), "+inf; use finite logits (-inf means 'impossible')"),
-        (~(bad > _NEG_INF).any(-1), "only -inf: no token is possible"),
-    ):
-        if bool(found.any()):
-            raise ValueError(f"logits of row(s) {index[rows[found]][:8].tolist()} contain {what}")
-    raise ValueError(
-        f"temperature is too small for the logits of row(s) {index[rows][:8].tolist()}: "
-        "logits / temperature overflows; use temperature=0 for greedy decoding, a larger "
-        "temperature, or float64 logits"
-    )
-
-
-def _cum_logsumexp(z: torch.Tensor) -> torch.Tensor:
-    """``logsumexp(z, -1)`` as a function of each row alone, whatever the batch around it.
-
-    torch.logsumexp reduces in an order that depends on the batch shape (one row is split
-    across threads, many rows are not), so its last bit can change with the batch. A
-    cumulative sum accumulates each row sequentially (in double precision on the CPU), which
-    batch-invariant sampling needs.
-    """
-    m = z.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = (z - m).exp_().cumsum(-1)[..., -1:]
-    return (total.log_() + m).squeeze(-1)
-
-
-def _gumbel_max(
-    z: torch.Tensor,
-    ids: torch.Tensor | None,
-    keep: torch.Tensor | None,
-    rows: _Rows,
-    generator: torch.Generator | None,
-    logits: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gumbel-Max over the kept entries of ``z``: ``argmax(z + g)``, ties to the lowest token id.
-
-    ``ids`` maps columns to token ids (``None``: column j is token j); ``logits`` (the
-    group's) only serve to explain an error. Returns the token ids and the winners' columns.
-    """
-    if rows.seeds is not None:
-        pos = ids if ids is not None else torch.arange(z.shape[-1], device=z.device)
-        noise = counter_gumbel(rows.seeds.unsqueeze(-1), pos, dtype=z.dtype)
-    else:
-        noise = gumbel_noise_like(z, generator=generator)
-    score = noise.add_(z)
-    if keep is not None:
-        score.masked_fill_(~keep, _NEG_INF)
-    col = score.argmax(-1, keepdim=True)  # the first maximum
-    best = score.gather(-1, col)
-    _check_scores(best.squeeze(-1), logits, rows.local, rows.index)
-    if ids is None:
-        return col.squeeze(-1), col.squeeze(-1)
-    token = ids.gather(-1, col)
-    tied = ((score == best).sum(-1) > 1).nonzero().flatten()
-    if tied.numel():
-        # Candidates are sorted by logit, not by id: an exact tie goes to the lowest id.
-        s, i = score[tied], ids[tied]
-        token[tied] = torch.where(s == best[tied], i, torch.iinfo(torch.int64).max).amin(
-            -1, keepdim=True
-        )
-        col[tied] = (i == token[tied]).to(torch.uint8).argmax(-1, keepdim=True)
-    return token.squeeze(-1), col.squeeze(-1)
-
-
-def _logprob(z: torch.Tensor, keep: torch.Tensor | None, col: torch.Tensor) -> torch.Tensor:
-    zk = z if keep is None else z.masked_fill(~keep, _NEG_INF)
-    return z.gather(-1, col.unsqueeze(-1)).squeeze(-1) - _cum_logsumexp(zk)
-
-
-def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``z = logits / T`` in the compute dtype (``l / 1 == l`` exactly, so T = 1 skips the pass)."""
-    z = logits.to(compute_dtype(logits.dtype))
-    return z / temperature.unsqueeze(-1) if bool((temperature != 1).any()) else z
-
-
-def _min_p_keep(z: torch.Tensor, zmax: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """min-p: keep ``z >= max z + log(min_p)`` (evaluated in float64)."""
-    return z.double() >= zmax.double() + min_p.log().unsqueeze(-1)
-
-
-def _dense(
-    logits: torch.Tensor, rows: _Rows, generator: torch.Generator | None, want_logprobs: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows without top-k/top-p: Gumbel-Max over the whole vocabulary (min-p as a mask)."""
-    z = _scaled(logits, rows.temperature)
-    keep = None
-    if bool((rows.min_p > 0).any()):
-        keep = _min_p_keep(z, z.amax(-1, keepdim=True), rows.min_p)
-    token, col = _gumbel_max(z, None, keep, rows, generator, logits)
-    return token, (_logprob(z, keep, col) if want_logprobs else None)
-
-
-def _truncate(
-    v: torch.Tensor, z: torch.Tensor, rows: _Rows, norm: torch.Tensor | None, complete: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept mask over candidates, whether the candidates sufficed, and how many are needed.
-
-    ``v``: the ``c`` largest logits of each row, descending; ``z = v / temperature``;
-    ``norm``: logsumexp of the whole row of ``z`` (used by rows with top-p but no top-k);
-    ``complete``: ``(n, 1)``, the candidates hold every token that can be kept. The kept set
-    is a prefix of each row. ``need`` is a lower bound on the candidates a row whose nucleus
-    did not fit needs: the missing mass over the probability of the last candidate.
-    """
-    c = v.shape[-1]
-    k = rows.top_k.unsqueeze(-1)
-    last = v[:, -1:]
-    keep = v > _NEG_INF
-    ok = complete.clone()
-    need = torch.zeros_like(ok, dtype=torch.float64)
-    if bool((k > 0).any()):
-        # top-k keeps every token at least as large as the k-th largest (ties included): the
-        # candidates suffice once the last one is strictly below the k-th value.
-        kth = torch.where(k > 0, v.gather(-1, (k - 1).clamp(0, c - 1)), _NEG_INF)
-        keep &= v >= kth
-        ok |= (k > 0) & (last < kth)
-
-    p = rows.top_p.unsqueeze(-1)
-    if bool((p < 1).any()):
-        # pi over K1 (the whole row when top-k is off). The mass before position j is the
-        # prefix sum S[j-1], non-decreasing, so the positions with mass before < p are a
-        # prefix of each row: the first one, and each j >= 1 with S[j-1] < p.
-        zk = z.masked_fill(~keep, _NEG_INF).double()
-        if norm is None:
-            logz = _cum_logsumexp(zk).unsqueeze(-1)
-        elif bool(((k > 0) & (p < 1)).any()):
-            logz = torch.where(k > 0, _cum_logsumexp(zk).unsqueeze(-1), norm.double().unsqueeze(-1))
-        else:
-            logz = norm.double().unsqueeze(-1)
-        mass = zk.sub_(logz).exp_().cumsum(-1)
-        n_below = (mass[:, :-1] < p).sum(-1, keepdim=True) + 1
-        j = torch.minimum(n_below, keep.sum(-1, keepdim=True)) - 1  # the last position kept
-        thresh = v.gather(-1, j)
-        keep &= (v >= thresh) | (p >= 1)
-        # top-p alone: the nucleus must end inside the candidates, with no tie left outside.
-        ok |= (k == 0) & (n_below < c) & (last < thresh)
-        last_prob = zk[:, -1:].exp().clamp(min=torch.finfo(torch.float64).tiny)
-        need = c + (p - mass[:, -1:]).clamp(min=0) / last_prob
-
-    if bool((rows.min_p > 0).any()):
-        keep &= _min_p_keep(z, z[:, :1], rows.min_p)
-    return keep, ok.squeeze(-1), need.squeeze(-1)
-
-
-def _truncated(
-    logits: torch.Tensor, rows: _Rows, generator: torch.Generator | None, want_logprobs: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows with top-k or top-p: Gumbel-Max among the kept tokens of a candidate set.
-
-    The candidates are the ``c`` largest logits of the pending rows (``torch.topk``, or a
-    full sort when ``c`` exceeds ``_SORT_FRACTION`` of the row); rows whose kept set may
-    extend past them try again with more.
-    """
-    n, vocab = logits.shape
-    cdtype = compute_dtype(logits.dtype)
-    token = torch.empty(n, dtype=torch.int64, device=logits.device)
-    logprob = torch.empty(n, dtype=cdtype, device=logits.device) if want_logprobs else None
-
-    # Rows with top-p but no top-k normalize over the whole row.
-    norm = None
-    p_only = ((rows.top_k == 0) & (rows.top_p < 1)).nonzero().flatten()
-    if p_only.numel() == n:
-        norm = _cum_logsumexp(_scaled(logits, rows.temperature))
-    elif p_only.numel():
-        norm = torch.zeros(n, dtype=cdtype, device=logits.device)
-        norm[p_only] = _cum_logsumexp(_scaled(logits[p_only], rows.temperature[p_only]))
-
-    def draw(
-        z: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, r: _Rows, at: torch.Tensor
-    ) -> None:
-        t, col = _gumbel_max(z, ids, keep, r, generator, logits)
-        token[at] = t
-        if logprob is not None:
-            logprob[at] = _logprob(z, keep, col)
-
-    want = torch.where(rows.top_k > 0, rows.top_k + 1, _FIRST_CANDIDATES).clamp(max=vocab)
-    pending = torch.arange(n, device=logits.device)
-    while pending.numel():
-        c = int(want[pending].max())
-        if c > _SORT_FRACTION * vocab:
-            c = vocab
-        everyone = len(pending) == n
-        r = rows if everyone else rows.take(pending)
-        sub = logits if everyone else logits[pending]
-        v, ids = sub.sort(-1, descending=True) if c == vocab else sub.topk(c, -1)
-        del sub
-        z = _scaled(v, r.temperature)
-        _check_scores(z[:, 0], logits, r.local, r.index)
-        complete = (v[:, -1:] == _NEG_INF) | (c == vocab)
-        keep, ok, need = _truncate(
-            v.to(cdtype), z, r, None if norm is None else norm[pending], complete
-        )
-        # The draw needs only the columns up to the longest kept prefix.
-        width = int(keep.sum(-1).max())
-        z, ids, keep = z[:, :width], ids[:, :width], keep[:, :width]
-        if bool(ok.all()):
-            draw(z, ids, keep, r, pending)
-            break
-        done = ok.nonzero().flatten()
-        if done.numel():
-            draw(z[done], ids[done], keep[done], r.take(done), pending[done])
-        pending, need = pending[~ok], need[~ok]
-        want[pending] = need.clamp(max=vocab).ceil().long().clamp(min=min(vocab, c * _GROWTH))
-    return token, logprob
-
-
 def sample(
     logits: torch.Tensor,
     *,
@@ -355,57 +167,79 @@ def sample(
     top_k: int | torch.Tensor | None = None,
     top_p: float | torch.Tensor | None = None,
     min_p: float | torch.Tensor | None = None,
+    min_tokens_to_keep: int | torch.Tensor = 1,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
     return_logprobs: bool = False,
 ) -> torch.Tensor | SampleOutput:
     r"""Sample the next token of each row of ``(B, V)`` logits, with the Gumbel-Max trick.
 
-    The processed distribution of a row, in the order common engines apply it (Hugging Face
-    ``generate``: temperature, top-k, top-p, min-p):
+    The processed distribution of a row, in the order Hugging Face ``generate`` applies it
+    (temperature, top-k, top-p, min-p; see ``docs/sampling.md`` for transformers and vLLM),
+    with :math:`n` = ``min_tokens_to_keep``:
 
-    1. temperature: :math:`z = \ell / T`. ``T = 0`` means greedy: the token is
-       :math:`\arg\max \ell` (the lowest id among ties) and its log-probability is 0.
-    2. top-k (Fan et al. 2018): keep :math:`K_1 = \{i : z_i \ge z_{(k)}\}`, the ``k`` largest
-       and every token tied with the k-th (all tokens if top-k is off).
+    1. temperature: :math:`z = (\ell - \max_j \ell_j) / T`, the shift first, so that
+       ties and near-ties survive any ``T`` (softmax is shift invariant). ``T = 0`` is greedy:
+       :math:`\arg\max \ell`, the lowest id among ties, log-probability 0. A ``T`` so small
+       that :math:`\ell / T` overflows gives the ``T -> 0`` limit: a uniform draw among the
+       maxima.
+    2. top-k (Fan et al. 2018): keep :math:`K_1 = \{i : z_i \ge z_{(k')}\}` with
+       :math:`k' = \max(k, n)`: the ``k'`` largest and every token tied with the k'-th (all
+       tokens if top-k is off).
     3. top-p, nucleus (Holtzman et al. 2020): with :math:`\pi = \operatorname{softmax}(z)` over
-       :math:`K_1`, keep :math:`K_2 = \{i \in K_1 : \sum_{j \in K_1,\, \pi_j > \pi_i} \pi_j < p\}`:
-       the most probable tokens until their mass reaches ``p`` (the token that crosses ``p`` is
-       kept, and so is every token tied with it).
+       :math:`K_1`, keep :math:`K_2 = \{i \in K_1 : \sum_{j \in K_1,\, \pi_j > \pi_i} \pi_j < p\}`,
+       the most probable tokens until their mass reaches ``p`` (the token that crosses ``p``
+       is kept, and so is every token tied with it), and at least the ``n`` largest.
     4. min-p (Nguyen et al. 2024): keep
-       :math:`K_3 = \{i \in K_2 : \pi_i \ge p_{\min} \max_j \pi_j\}`,
-       i.e. :math:`z_i \ge \max_j z_j + \log p_{\min}`.
+       :math:`K_3 = \{i \in K_2 : \pi_i \ge p_{\min} \max_j \pi_j\}`, i.e.
+       :math:`\ell_i \ge \max_j \ell_j + T \log p_{\min}` (float64), and at least the ``n``
+       largest.
     5. the token is drawn from :math:`q_i = e^{z_i} / \sum_{j \in K_3} e^{z_j}` on :math:`K_3`
        as :math:`\arg\max_{i \in K_3} (z_i + g_i)` with Gumbel noise :math:`g` (Gumbel 1954;
-       Maddison et al. 2014), ties to the lowest id; the log-probability is :math:`\log q_i`.
+       Maddison et al. 2014); ties of the scores are broken uniformly at random. The
+       log-probability is :math:`\log q_i`.
 
-    Scores are computed in float32 for half-precision logits (float64 for float64), the top-p
-    masses in float64; the sets above are exact except where a mass lies within rounding of
-    ``p``. ``-inf`` logits are impossible tokens.
+    "The ``n`` largest" includes every token tied with the n-th largest, as top-k does; a
+    row with fewer possible tokens keeps them all. Scores are computed in float32 for
+    half-precision logits (float64 for float64); top-p's masses are float64 weights
+    :math:`e^{z_i}` computed from the logits in float64, so the kept set is the exact one up
+    to float64 rounding of the sums (about 1e-16 relative). ``-inf`` logits are impossible
+    tokens.
 
-    Only the kept tokens are drawn: top-k is :func:`torch.topk` of ``k + 1`` logits; top-p
-    without top-k takes the 256 largest logits, then at least 8 times more for the rows whose
-    nucleus did not fit (more when the missing mass shows that is not enough), and sorts a row
-    only when more than a quarter of its vocabulary is needed.
+    How: every rule keeps the tokens at or above a value, so the kept set is
+    ``logits >= threshold`` per row. top-k is :func:`torch.topk` of ``k' + 1`` logits;
+    top-p without top-k finds its threshold with an exact histogram search (float64 masses
+    per bin of values, refined inside the bin that crosses ``p``, then the few tokens of that
+    bin sorted), so even a flat row, whose nucleus is most of the vocabulary, costs a few
+    passes instead of a sort. The noise is drawn for the kept tokens only when they are at
+    most an eighth of the vocabulary, else over the whole row with the threshold as a mask.
 
     Args:
         logits: ``(B, V)`` floating-point logits.
-        temperature: ``>= 0``; a float or a ``(B,)`` tensor (0 = greedy for that row).
+        temperature: ``>= 0`` and finite; a float or a ``(B,)`` tensor (0 = greedy for that row).
         top_k: ``>= 0`` int or ``(B,)`` integer tensor; 0 or None = off, ``>= V`` = off.
         top_p: in ``(0, 1]``; a float or a ``(B,)`` tensor; 1 or None = off.
         min_p: in ``[0, 1]``; a float or a ``(B,)`` tensor; 0 or None = off.
-        generator: the random source when ``seeds`` is None: the noise is drawn with
-            :func:`gumbelkit.noise.gumbel_noise_like` over the scores of the candidates (the
-            whole row when nothing truncates); the same state gives the same tokens.
+        min_tokens_to_keep: ``>= 1`` int or ``(B,)`` integer tensor; top-k, top-p and min-p
+            never keep fewer tokens (transformers' warpers' argument; default 1).
+        generator: the random source when ``seeds`` is None: one int64 seed is drawn from it
+            (``torch.randint``), from which the noise is made; the same state gives the same
+            tokens.
         seeds: ``(B,)`` int64: row ``b`` uses the counter-based noise
-            ``counter_gumbel(seeds[b], token_id)`` (:mod:`gumbelkit._counter_noise`), so its
-            token depends only on its own seed, logits and parameters, never on the other rows,
-            the batch size or the row's position. Excludes ``generator``.
+            ``counter_gumbel(seeds[b], token_id)`` in float64 (:mod:`gumbelkit._counter_noise`),
+            so its token depends only on its own seed, logits and parameters, never on the other
+            rows, the batch size or the row's position. Excludes ``generator``.
         return_logprobs: also return :math:`\log q` of the sampled tokens.
 
     Returns:
         ``(B,)`` int64 token ids, or a :class:`SampleOutput` ``(ids, logprobs)`` when
         ``return_logprobs`` (log-probabilities in the compute dtype).
+
+    Raises:
+        TypeError: a parameter of the wrong type (``logits`` not a floating tensor, a float
+            ``top_k``, seeds not int64, ...).
+        ValueError: a parameter out of range, shapes or devices that do not match, or logits
+            with NaN, ``+inf`` or no possible token in some row (the rows are named).
 
     Example:
         >>> logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 0.0, 0.0]])
@@ -417,6 +251,8 @@ def sample(
         >>> out = sample(logits, top_p=0.5, seeds=torch.tensor([1, 2]), return_logprobs=True)
         >>> out.ids.tolist(), out.logprobs.tolist()  # the nucleus is one token in both rows
         ([0, 1], [0.0, 0.0])
+        >>> sample(torch.tensor([[20.0, 20.0, 5.0]]), temperature=1e-38).item() in (0, 1)
+        True
     """
     logits = check_logits(logits)
     if logits.dim() != 2:
@@ -436,57 +272,645 @@ def sample(
         )
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
-    cdtype = compute_dtype(logits.dtype)
-    temp = _row_param(
-        temperature,
-        "temperature",
-        batch,
-        dev,
-        integer=False,
-        default=1.0,
-        low=0.0,
-        high=math.inf,
-        low_open=False,
-    )
-    if bool(torch.isinf(temp).any()):
-        raise ValueError("temperature must be finite")
-    k = _row_param(
-        top_k, "top_k", batch, dev, integer=True, default=0, low=0, high=math.inf, low_open=False
-    )
-    k = torch.where(k >= vocab, 0, k)
-    p = _row_param(
-        top_p, "top_p", batch, dev, integer=False, default=1.0, low=0.0, high=1.0, low_open=True
-    )
-    mp = _row_param(
-        min_p, "min_p", batch, dev, integer=False, default=0.0, low=0.0, high=1.0, low_open=False
-    )
+    params = [
+        _row_param(value, name, batch, dev)
+        for value, name in (
+            (temperature, "temperature"),
+            (top_k, "top_k"),
+            (top_p, "top_p"),
+            (min_p, "min_p"),
+            (min_tokens_to_keep, "min_tokens_to_keep"),
+        )
+    ]
+    noise_seed = None
+    if seeds is None:
+        noise_seed = torch.randint(
+            -(2**63),
+            2**63 - 1,
+            (),
+            dtype=torch.int64,
+            generator=generator,
+            device=generator.device if generator is not None else dev,
+        )
+    ids, logprobs = _sample_impl(logits, *params, seeds, noise_seed, return_logprobs)
+    return SampleOutput(ids, logprobs) if return_logprobs else ids
 
+
+# ---------------------------------------------------------------- data-dependent checks
+
+
+def _check_data(
+    rowmax: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_tokens_to_keep: torch.Tensor,
+) -> None:
+    """Every check of :func:`_sample_impl` that reads tensor data, with one host sync.
+
+    ``rowmax`` is ``logits.amax(-1)``: it is finite exactly when the row has no NaN, no
+    ``+inf`` and at least one finite logit (amax propagates NaN).
+    """
+    inf = math.inf
+    bad = {
+        "temperature": ~((temperature >= 0) & (temperature < inf)),
+        "top_k": top_k < 0,
+        "top_p": ~((top_p > 0) & (top_p <= 1)),
+        "min_p": ~((min_p >= 0) & (min_p <= 1)),
+        "min_tokens_to_keep": min_tokens_to_keep < 1,
+    }
+    bad_rows = ~torch.isfinite(rowmax)
+    flags = torch.stack([b.any() for b in (*bad.values(), bad_rows)])
+    if not bool(flags.any()):
+        return
+    values = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "min_tokens_to_keep": min_tokens_to_keep,
+    }
+    for name, b in bad.items():
+        if bool(b.any()):
+            got = values[name][b]
+            if name == "temperature" and bool(torch.isposinf(got).all()):
+                raise ValueError(_out_of_range_message(name, math.inf))
+            raise ValueError(_out_of_range_message(name, got[:4].tolist()))
+    rows = bad_rows.nonzero().flatten()
+    sub = logits[rows]
+    for found, what in (
+        (torch.isnan(sub).any(-1), "NaN; check the model that produced them"),
+        (torch.isposinf(sub).any(-1), "+inf; use finite logits (-inf means 'impossible')"),
+        (~(sub > _NEG_INF).any(-1), "only -inf: no token is possible"),
+    ):
+        if bool(found.any()):
+            raise ValueError(f"logits of row(s) {rows[found][:8].tolist()} contain {what}")
+    raise AssertionError("unreachable: a non-finite row maximum without NaN, +inf or all -inf")
+
+
+# ------------------------------------------------------------------------ the work
+
+
+def _sample_impl(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_tokens_to_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    return_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole of :func:`sample` on per-row tensors: validation of the data, then the draw.
+
+    Args:
+        logits: ``(B, V)`` floating logits, ``V >= 1``.
+        temperature, top_p, min_p: ``(B,)`` float64; top_k, min_tokens_to_keep: ``(B,)`` int64
+            (0 = off for top_k; 1 = off for top_p; 0 = off for min_p).
+        seeds: ``(B,)`` int64 (counter-based noise) or None.
+        noise_seed: 0-d int64 tensor, the noise seed when ``seeds`` is None.
+        return_logprobs: compute the log-probabilities (zeros otherwise).
+
+    Returns:
+        ``(ids, logprobs)``: ``(B,)`` int64 and ``(B,)`` in the compute dtype.
+    """
+    batch, vocab = logits.shape
+    dev = logits.device
+    cdtype = compute_dtype(logits.dtype)
     ids = torch.empty(batch, dtype=torch.int64, device=dev)
     logprobs = torch.zeros(batch, dtype=cdtype, device=dev)
-    greedy = temp == 0
-    truncated = (k > 0) | (p < 1)
+    if batch == 0:
+        return ids, logprobs
+    rowmax = logits.amax(-1)
+    _check_data(rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
+    greedy = temperature == 0
     if bool(greedy.any()):
         g = greedy.nonzero().flatten()
-        sub = logits if len(g) == batch else logits[g]
-        col = sub.argmax(-1, keepdim=True)  # the first maximum: the lowest id
-        _check_scores(sub.gather(-1, col).squeeze(-1), sub, torch.arange(len(g), device=dev), g)
-        ids[g] = col.squeeze(-1)
-    for select, run in ((~greedy & ~truncated, _dense), (~greedy & truncated, _truncated)):
-        if not bool(select.any()):
-            continue
-        index = select.nonzero().flatten()
-        rows = _Rows(
-            index,
-            torch.arange(len(index), device=dev),
-            temp[index].to(cdtype),
-            k[index],
-            p[index],
-            mp[index],
-            None if seeds is None else seeds[index],
+        ids[g] = (logits if len(g) == batch else logits[g]).argmax(-1)  # the lowest id
+    rows = (~greedy).nonzero().flatten()
+    if rows.numel() == 0:
+        return ids, logprobs
+    whole = rows.numel() == batch
+    sub = logits if whole else logits[rows]
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or whole else t[rows]
+
+    tok, lp = _sample_rows(
+        sub,
+        rowmax if whole else rowmax[rows],
+        pick(temperature),
+        pick(top_k),
+        pick(top_p),
+        pick(min_p),
+        pick(min_tokens_to_keep),
+        pick(seeds),
+        noise_seed,
+        rows,
+        vocab,
+        return_logprobs,
+    )
+    ids[rows] = tok
+    if return_logprobs:
+        logprobs[rows] = lp
+    return ids, logprobs
+
+
+class _Kept(NamedTuple):
+    """The kept set of each row, ``logits >= threshold``, and the candidates it came from."""
+
+    threshold: torch.Tensor  # (n,) in the logits dtype
+    values: torch.Tensor | None  # (n, c) the c largest logits, descending (None: c = 0)
+    ids: torch.Tensor | None  # (n, c) their token ids
+
+
+def _thresholds(
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+) -> _Kept:
+    """Per row the smallest kept logit value: the kept set is ``l >= threshold``.
+
+    Every rule keeps the tokens at or above a value (the sets are prefixes in value order),
+    so the kept set after all of them is ``l >= min(max(t_k, t_p, t_m), t_n)``: ``t_k`` the
+    k'-th largest logit, ``t_p`` the logit of the token that crosses ``p``, ``t_m`` the
+    min-p bound rounded up to the logits dtype, ``t_n`` the n-th largest logit.
+    """
+    n, vocab = l.shape
+    dtype = l.dtype
+    neg = torch.full((n,), _NEG_INF, dtype=dtype, device=l.device)
+    k = torch.where(top_k > 0, torch.maximum(top_k, min_keep), 0)
+    k = torch.where(k >= vocab, 0, k)
+    keep_n = min_keep.clamp(max=vocab)
+    p_on = top_p < 1
+    need = torch.where(k > 0, k + 1, 0)
+    if _FIRST_CANDIDATES > 0:
+        need = torch.where(p_on & (k == 0), need.clamp(min=_FIRST_CANDIDATES), need)
+    need = torch.where(keep_n > 1, torch.maximum(need, keep_n + 1), need).clamp(max=vocab)
+    c = int(need.max())
+    values = ids = None
+    if c > 0:
+        if c > _SORT_FRACTION * vocab:
+            c = vocab
+            values, ids = l.sort(-1, descending=True)
+        else:
+            values, ids = l.topk(c, -1)
+
+    def at(pos: torch.Tensor) -> torch.Tensor:
+        assert values is not None
+        return values.gather(-1, pos.clamp(0, c - 1).unsqueeze(-1)).squeeze(-1)
+
+    t_n = torch.where(keep_n > 1, at(keep_n - 1), m) if bool((keep_n > 1).any()) else m
+    t_k = neg
+    spill = torch.zeros(n, dtype=torch.bool, device=l.device)
+    if bool((k > 0).any()):
+        t_k = torch.where(k > 0, at(k - 1), neg)
+        spill = (k > 0) & (at(k) == t_k)  # the tie at the k'-th value goes past the candidates
+    t_p = neg
+    if bool(p_on.any()):
+        t_p = _top_p_threshold(l, values, ids, m, temperature, top_p, k, t_k, spill)
+    t_m = _round_up(m.double() + temperature * min_p.log(), dtype)
+    threshold = torch.minimum(torch.maximum(torch.maximum(t_k, t_p), t_m), t_n)
+    return _Kept(threshold, values, ids)
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest value of ``dtype`` that is ``>= x`` (float64), so ``l >= result`` iff ``l >= x``."""
+    t = x.to(dtype)
+    return torch.where(t.double() < x, torch.nextafter(t, torch.full_like(t, math.inf)), t)
+
+
+def _z64(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``(l - m) / T`` in float64 (the difference is exact for float32 and half logits)."""
+    z = torch.sub(l, m.double().unsqueeze(-1))  # promoted to float64 in one pass, a new tensor
+    if bool((temperature != 1).any()):
+        z.div_(temperature.unsqueeze(-1))
+    return z
+
+
+def _row_mass(
+    l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor
+) -> torch.Tensor:
+    """``sum exp(z)`` over ``l >= floor`` per row, float64, summed sequentially (so it does not
+    depend on the batch around the row), over chunks of rows."""
+    n, vocab = l.shape
+    out = torch.empty(n, dtype=torch.float64, device=l.device)
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    masked = bool((floor > _NEG_INF).any())
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        z = _z64(l[s:e], m[s:e], temperature[s:e])
+        if masked:
+            z.masked_fill_(l[s:e] < floor[s:e].unsqueeze(-1), _NEG_INF)
+        out[s:e] = z.exp_().cumsum_(-1)[:, -1]
+    return out
+
+
+def _top_p_threshold(
+    l: torch.Tensor,
+    values: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    k: torch.Tensor,
+    t_k: torch.Tensor,
+    spill: torch.Tensor,
+) -> torch.Tensor:
+    """``t_p``: the logit of the token that crosses ``p`` (``-inf`` where top-p is off).
+
+    The crossing value is the largest value ``v`` whose mass at or above it,
+    ``g(v) = sum_{z_j >= v} w_j`` over ``K_1``, reaches ``p * Z`` (``Z = g(-inf)``): a token is
+    kept iff the mass strictly above it is ``< p * Z``. Weights ``w = exp(z)`` are float64.
+    Rows whose ``K_1`` lies among the candidates (top-k without a tie past the k'-th) use
+    them; the others use the histogram search over the whole row.
+    """
+    n = l.shape[0]
+    on = top_p < 1
+    out = torch.full((n,), _NEG_INF, dtype=l.dtype, device=l.device)
+    inside = on & (k > 0) & ~spill
+    rest = on & ~inside
+    screened = rest & False
+    if _FIRST_CANDIDATES > 0 and values is not None and bool(rest.any()):
+        screened = rest & _nucleus_among_candidates(l, values, m, temperature, top_p, t_k)
+    try_candidates = values is not None and bool((inside | screened).any())
+    if try_candidates:
+        assert values is not None
+        total = torch.ones(n, dtype=torch.float64, device=l.device)
+        if bool(screened.all()):
+            total = _row_mass(l, m, temperature, t_k)
+        elif bool(screened.any()):
+            o = screened.nonzero().flatten()
+            total[o] = _row_mass(l[o], m[o], temperature[o], t_k[o])
+        w = _z64(values, m, temperature).exp_()
+        w.masked_fill_(values < t_k.unsqueeze(-1), 0.0)
+        cum = w.cumsum_(-1)
+        total = torch.where(inside, cum[:, -1], total)
+        reach = cum >= (top_p * total).unsqueeze(-1)  # a suffix of each row: cum is non-decreasing
+        first = (~reach).view(torch.uint8).sum(-1, dtype=torch.int32).clamp(max=values.shape[1] - 1)
+        found = (inside | screened) & reach[:, -1]
+        out = torch.where(found, values.gather(-1, first.long().unsqueeze(-1)).squeeze(-1), out)
+        rest = on & ~found
+    if bool(rest.all()):
+        return _histogram_search(l, m, temperature, top_p, t_k)
+    if bool(rest.any()):
+        r = rest.nonzero().flatten()
+        out[r] = _histogram_search(l[r], m[r], temperature[r], top_p[r], t_k[r])
+    return out
+
+
+def _nucleus_among_candidates(
+    l: torch.Tensor,
+    values: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    floor: torch.Tensor,
+) -> torch.Tensor:
+    """A cheap screen (compute dtype): does the nucleus clearly lie among the candidates?
+
+    Only chooses the path (candidates with the exact float64 normalizer, or the histogram
+    search); both decide exactly. A 1e-3 relative margin covers the screen's rounding.
+    """
+    z = _scaled(l, m, temperature)
+    if bool((floor > _NEG_INF).any()):
+        z.masked_fill_(l < floor.unsqueeze(-1), _NEG_INF)
+    total = z.exp_().cumsum_(-1)[:, -1].double()  # sequential: the same for any batch
+    w = _z64(values, m, temperature).exp_().masked_fill_(values < floor.unsqueeze(-1), 0.0)
+    return w.sum(-1) >= top_p * total * (1 + 1e-3)
+
+
+def _histogram_search(
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    floor: torch.Tensor,
+) -> torch.Tensor:
+    """The crossing logit of each row (``K_1 = l >= floor``), over chunks of rows."""
+    n, vocab = l.shape
+    out = torch.empty(n, dtype=l.dtype, device=l.device)
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        out[s:e] = _search_chunk(l[s:e], m[s:e], temperature[s:e], top_p[s:e], floor[s:e])
+    return out
+
+
+def _search_chunk(
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    floor: torch.Tensor,
+) -> torch.Tensor:
+    """Exact threshold search without sorting the row (a radix select on values, by mass).
+
+    Each level sorts the candidate tokens of a row into ``_BINS`` bins of equal width over
+    their value range (a monotone map, so a higher bin holds only larger values and tied
+    values share a bin), adds their float64 weights per bin (``scatter_add_``, sequential
+    along the row, so the sums do not depend on the batch), and keeps the bin in which the
+    mass from the top reaches ``p * Z`` (``Z``: the sum of all bins of the first level).
+    Once that bin holds at most ``_CAP`` tokens (or only tied ones), its tokens are sorted
+    and the crossing token found by a cumulative sum, as a full sort would.
+    """
+    r, vocab = l.shape
+    dev = l.device
+    inf = math.inf
+    z = _z64(l, m, temperature)
+    if bool((floor > _NEG_INF).any()):
+        z.masked_fill_(l < floor.unsqueeze(-1), _NEG_INF)
+    w = z.exp()
+    lo = z.amin(-1)
+    if bool(torch.isneginf(lo).any()):
+        z.clamp_(min=-1e4)  # weight-0 tokens get finite values below every weighted one
+        lo = z.amin(-1)
+    hi = torch.zeros(r, dtype=torch.float64, device=dev)  # the row maximum is 0
+    above = torch.zeros(r, dtype=torch.float64, device=dev)  # the mass above the candidates
+    target = above
+    count = torch.full((r,), vocab, dtype=torch.int32, device=dev)
+    cand = torch.ones_like(l, dtype=torch.bool)
+    shrink = _BINS * (1 - 2.0**-20)  # (z - lo) * scale stays below _BINS despite rounding
+    for level in range(_MAX_LEVELS):
+        active = (count > _CAP) & (hi > lo) if level else torch.ones_like(count, dtype=torch.bool)
+        if level and not bool(active.any()):
+            break
+        span = hi - lo
+        scale = torch.where(active & (span > 0), shrink / torch.where(span > 0, span, 1.0), 0.0)
+        u = (z - lo.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        if level:
+            u.clamp_(0, _BINS)
+        idx = u.long()
+        del u
+        if level:
+            idx.masked_fill_(~cand, _BINS)
+        hist = torch.zeros(r, _BINS + 1, dtype=torch.float64, device=dev).scatter_add_(1, idx, w)
+        hist[:, _BINS] = 0.0
+        # suffix[b]: the mass of the candidates in bins >= b, summed from the top bin down.
+        suffix = hist.flip(-1).cumsum(-1).flip(-1)
+        if level == 0:
+            target = top_p * suffix[:, 0]
+        ok = (above.unsqueeze(-1) + suffix[:, :_BINS]) >= target.unsqueeze(-1)  # a prefix
+        b = ok.view(torch.uint8).sum(-1, dtype=torch.int32).long() - 1
+        lowest = (hist[:, :_BINS] > 0).view(torch.uint8).argmax(-1)
+        b = torch.where(b < 0, lowest, b).unsqueeze(-1)
+        new_cand = idx == b
+        del idx
+        all_active = level == 0 or bool(active.all())
+        cand = new_cand if all_active else new_cand | (cand & ~active.unsqueeze(-1))
+        above = torch.where(active, above + suffix.gather(-1, b + 1).squeeze(-1), above)
+        count = torch.where(active, new_cand.view(torch.uint8).sum(-1, dtype=torch.int32), count)
+        more = active & (count > _CAP)
+        if bool(more.any()):  # the candidates' exact range for the next level
+            lo = torch.where(more, torch.where(cand, z, inf).amin(-1), lo)
+            hi = torch.where(more, torch.where(cand, z, -inf).amax(-1), hi)
+    # Rows left with many candidates hold one tied value (or ran out of levels).
+    tied = (count > _CAP) & ~(hi > lo)
+    if bool(tied.any()):
+        out = l.gather(-1, cand.view(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+        if bool(tied.all()):
+            return out
+        cand &= ~tied.unsqueeze(-1)
+    nz = cand.nonzero()
+    row, col = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(row, minlength=r)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(len(row), device=dev) - starts[row]
+    width = int(counts.max())
+    zs = torch.full((r, width), _NEG_INF, dtype=torch.float64, device=dev)
+    ws = torch.zeros((r, width), dtype=torch.float64, device=dev)
+    cols = torch.zeros((r, width), dtype=torch.int64, device=dev)
+    zs[row, pos] = z[row, col]
+    ws[row, pos] = w[row, col]
+    cols[row, pos] = col
+    zs, order = zs.sort(dim=-1, descending=True, stable=True)
+    cum = above.unsqueeze(-1) + ws.gather(-1, order).cumsum(-1)
+    reach = cum >= target.unsqueeze(-1)
+    j = torch.where(reach[:, -1], (~reach).view(torch.uint8).sum(-1, dtype=torch.int32).long(), counts - 1)
+    crossing = cols.gather(-1, order.gather(-1, j.clamp(0, width - 1).unsqueeze(-1)))
+    found = l.gather(-1, crossing).squeeze(-1)
+    return torch.where(tied, out, found) if bool(tied.any()) else found
+
+
+def _kept_mask(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    min_tokens_to_keep: int = 1,
+) -> torch.Tensor:
+    """The kept set of each row of ``(B, V)`` logits as a boolean mask (``temperature > 0``).
+
+    What :func:`sample` draws from; for tests and documentation.
+    """
+    batch = logits.shape[0]
+    dev = logits.device
+    params = [
+        _row_param(v, name, batch, dev)
+        for v, name in (
+            (temperature, "temperature"),
+            (top_k, "top_k"),
+            (top_p, "top_p"),
+            (min_p, "min_p"),
+            (min_tokens_to_keep, "min_tokens_to_keep"),
         )
-        whole = len(index) == batch
-        tok, lp = run(logits if whole else logits[index], rows, generator, return_logprobs)
-        ids[index] = tok
-        if lp is not None:
-            logprobs[index] = lp
-    return SampleOutput(ids, logprobs) if return_logprobs else ids
+    ]
+    m = logits.amax(-1)
+    _check_data(m, logits, *params)
+    kept = _thresholds(logits, m, *params)
+    return (logits >= kept.threshold.unsqueeze(-1)) & (logits > _NEG_INF)
+
+
+def _sample_rows(
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    rows: torch.Tensor,
+    vocab: int,
+    want_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with ``T > 0``: thresholds, then a Gumbel-Max among the candidates when the kept
+    set lies among them, else over the whole row with the threshold as a mask."""
+    n = l.shape[0]
+    dev = l.device
+    kept = _thresholds(l, m, temperature, top_k, top_p, min_p, min_keep)
+    thr = kept.threshold
+    token = torch.empty(n, dtype=torch.int64, device=dev)
+    logprob = torch.zeros(n, dtype=compute_dtype(l.dtype), device=dev)
+    fits = torch.zeros(n, dtype=torch.bool, device=dev)
+    if kept.values is not None:
+        c = kept.values.shape[1]
+        fits = torch.ones_like(fits) if c == vocab else kept.values[:, -1] < thr
+    # (rows, values, token ids or None for the whole row, kept mask or None, noise stream)
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]] = []
+    if bool(fits.any()):
+        index = fits.nonzero().flatten()
+        assert kept.values is not None and kept.ids is not None
+        v, ids = kept.values[index], kept.ids[index]
+        keep = v >= thr[index].unsqueeze(-1)
+        width = int(keep.view(torch.uint8).sum(-1, dtype=torch.int32).max())
+        groups.append((index, v[:, :width], ids[:, :width], keep[:, :width], _STREAM_CANDIDATES))
+    if not bool(fits.all()):
+        index = (~fits).nonzero().flatten()
+        v = l if index.numel() == n else l[index]
+        t = thr[index]
+        if not bool((t > _NEG_INF).any()):
+            groups.append((index, v, None, None, _STREAM_ROWS))
+        else:
+            keep = v >= t.unsqueeze(-1)
+            small = keep.view(torch.uint8).sum(-1, dtype=torch.int32) <= _PACK_FRACTION * vocab
+            if bool(small.all()):
+                ids, kmask = _pack(keep)
+                groups.append((index, v.gather(-1, ids), ids, kmask, _STREAM_PACKED))
+            elif bool(small.any()):  # few kept tokens: draw noise for those only
+                sel = small.nonzero().flatten()
+                ids, kmask = _pack(keep[sel])
+                groups.append((index[sel], v[sel].gather(-1, ids), ids, kmask, _STREAM_PACKED))
+            if not bool(small.any()):
+                groups.append((index, v, None, keep, _STREAM_ROWS))
+            elif not bool(small.all()):
+                big = (~small).nonzero().flatten()
+                groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
+    for index, v, ids, keep, stream in groups:
+        everyone = index.numel() == n
+        t_i = temperature if everyone else temperature[index]
+        m_i = m if everyone else m[index]
+        s_i = None if seeds is None else (seeds if everyone else seeds[index])
+        z = _scaled(v, m_i, t_i)
+        col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
+        token[index] = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+        if want_logprobs:
+            logprob[index] = _logprob(z, ids, keep, col, vocab)
+    return token, logprob
+
+
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column ids of the True entries of each row, left-aligned in id order, and which
+    entries of that ``(n, width)`` block are real (the rest repeat column 0, masked off)."""
+    n = mask.shape[0]
+    nz = mask.nonzero()
+    row, col = nz[:, 0], nz[:, 1]
+    counts = torch.bincount(row, minlength=n)
+    pos = torch.arange(len(row), device=mask.device) - (counts.cumsum(0) - counts)[row]
+    width = int(counts.max())
+    ids = torch.zeros((n, width), dtype=torch.int64, device=mask.device)
+    ids[row, pos] = col
+    real = torch.arange(width, device=mask.device) < counts.unsqueeze(-1)
+    return ids, real
+
+
+def _scaled(v: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``z = (v - m) / T`` in the compute dtype, shifted first (``0`` at the maximum).
+
+    A ``T`` that rounds to 0 in the compute dtype gives the ``T -> 0`` limit: 0 at the
+    maxima, ``-inf`` elsewhere (``(v - m) / T`` overflows to ``-inf`` by itself otherwise).
+    """
+    cdtype = compute_dtype(v.dtype)
+    z = v.to(cdtype) - m.to(cdtype).unsqueeze(-1)
+    t = temperature.to(cdtype)
+    if not bool((t != 1).any()):
+        return z
+    under = t == 0
+    if bool(under.any()):
+        r = under.nonzero().flatten()
+        z[r] = torch.where(z[r] == 0, 0.0, _NEG_INF).to(cdtype)
+        t = torch.where(under, 1.0, t).to(cdtype)
+    return z.div_(t.unsqueeze(-1))
+
+
+def _stream_seed(noise_seed: torch.Tensor, stream: int) -> torch.Tensor:
+    """An int64 seed for one stream, derived from the call's noise seed (SplitMix64)."""
+    x = noise_seed.reshape(1).to(torch.int64) + torch.tensor([stream], device=noise_seed.device) * GAMMA
+    return mix64(x)[0]
+
+
+def _noise(
+    z: torch.Tensor, pos: torch.Tensor, seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, stream: int
+) -> torch.Tensor:
+    """Gumbel noise for the scores ``z`` (``pos``: the token ids of its columns).
+
+    Seeds mode: ``counter_gumbel(seed, token_id)`` in float64. Otherwise
+    :func:`gumbelkit.noise.gumbel_noise_like` from a generator seeded with a seed derived
+    from ``noise_seed`` (float32 or better).
+    """
+    if seeds is not None:
+        return counter_gumbel(seeds.unsqueeze(-1), pos, dtype=torch.float64)
+    assert noise_seed is not None
+    seed = int(_stream_seed(noise_seed, stream)) & (2**64 - 1)
+    gen = torch.Generator(device=z.device).manual_seed(seed)
+    return gumbel_noise_like(z, generator=gen)
+
+
+def _gumbel_max(
+    z: torch.Tensor,
+    ids: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    rows: torch.Tensor,
+    vocab: int,
+    stream: int,
+) -> torch.Tensor:
+    """``argmax(z + g)`` over the kept columns; ties of the score broken uniformly at random.
+
+    Returns the winning columns. ``ids`` maps columns to token ids (``None``: column j is
+    token j); ``rows`` are the rows' positions in the batch (generator mode's tie-break).
+    """
+    pos = ids if ids is not None else torch.arange(z.shape[-1], device=z.device)
+    score = _noise(z, pos, seeds, noise_seed, stream).add_(z)
+    if keep is not None:
+        score.masked_fill_(~keep, _NEG_INF)
+    col = score.argmax(-1, keepdim=True)
+    best = score.gather(-1, col)
+    tied = ((score == best).view(torch.uint8).sum(-1, dtype=torch.int32) > 1).nonzero().flatten()
+    if tied.numel():
+        # A uniform per (row, token) orders the tied maxima: each wins with equal probability.
+        p = pos if pos.dim() == 1 else pos[tied]
+        if seeds is not None:
+            key = seeds[tied] ^ _signed64(_TIE_KEY)
+            u = counter_uniform(key.unsqueeze(-1), p)
+        else:
+            assert noise_seed is not None
+            u = counter_uniform(
+                _stream_seed(noise_seed, _STREAM_TIES), rows[tied].unsqueeze(-1) * vocab + p
+            )
+        u = torch.where(score[tied] == best[tied], u, -1.0)
+        col[tied] = u.argmax(-1, keepdim=True)
+    return col.squeeze(-1)
+
+
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _logprob(
+    z: torch.Tensor, ids: torch.Tensor | None, keep: torch.Tensor | None, col: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """``z[col] - log sum_{kept} exp(z)``, the sum taken in token-id order.
+
+    The maximum of a kept set is 0, so no shift is needed; summing in id order with a
+    sequential cumulative sum makes the result the same bits whether the row was drawn among
+    candidates or over the whole vocabulary, alone or in any batch.
+    """
+    e = z.exp()
+    if keep is not None:
+        e.masked_fill_(~keep, 0.0)
+    if ids is not None:
+        order = torch.where(keep, ids, vocab) if keep is not None else ids
+        e = e.gather(-1, order.argsort(-1))
+    total = e.cumsum(-1)[:, -1]
+    return z.gather(-1, col.unsqueeze(-1)).squeeze(-1) - total.log()
