@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ._counter_noise import GAMMA, counter_gumbel, counter_uniform, mix64
+from ._kernels.ops import register_random_op
 from ._validation import check_generator, check_logits, compute_dtype
 from .noise import gumbel_noise_like
 
@@ -292,7 +293,7 @@ def sample(
             generator=generator,
             device=generator.device if generator is not None else dev,
         )
-    ids, logprobs = _sample_impl(logits, *params, seeds, noise_seed, return_logprobs)
+    ids, logprobs = _sample_op(logits.detach(), *params, seeds, noise_seed, return_logprobs)
     return SampleOutput(ids, logprobs) if return_logprobs else ids
 
 
@@ -417,6 +418,24 @@ def _sample_impl(
     if return_logprobs:
         logprobs[rows] = lp
     return ids, logprobs
+
+
+@torch.library.custom_op("gumbelkit::sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               min_p: torch.Tensor, min_tokens_to_keep: torch.Tensor, seeds: torch.Tensor | None,
+               noise_seed: torch.Tensor | None, return_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sample_impl` as a registered operator (compile, export, vmap and fake tensors see one call)."""
+    return _sample_impl(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed,
+                        return_logprobs)
+
+
+def _sample_fake(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed, return_logprobs):
+    batch = logits.shape[0]
+    return (logits.new_empty((batch,), dtype=torch.int64),
+            logits.new_empty((batch,), dtype=compute_dtype(logits.dtype)))
+
+
+register_random_op(_sample_op, _sample_fake)
 
 
 class _Kept(NamedTuple):

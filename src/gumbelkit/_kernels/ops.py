@@ -35,7 +35,15 @@ from .._validation import check_rows, check_tau_values, compute_dtype
 from .cpu_noise import fill_neg_gumbel_
 from .dispatch import cpu_kernels, triton_kernels
 
-__all__ = ["checked_tau", "draw_seed", "gumbel_max_op", "gumbel_noise_op", "gumbel_softmax_op", "gumbel_topk_op"]
+__all__ = [
+    "checked_tau",
+    "draw_seed",
+    "gumbel_max_op",
+    "gumbel_noise_op",
+    "gumbel_softmax_op",
+    "gumbel_topk_op",
+    "register_random_op",
+]
 
 _NEG_INF = float("-inf")
 SOFT, HARD, LOG = 0, 1, 2  # gumbel_softmax_op modes
@@ -87,28 +95,27 @@ def _fused_rows(logits: Tensor, mask: Tensor | None, dim: int):
 # -- the shared vmap rule --------------------------------------------------------------------
 
 def _vmap_rule(op):
-    """A vmap rule for a random operator ``op(x, seed, *rest)``: one call per sample.
+    """A vmap rule for a random operator: one call per sample, every batched argument sliced.
 
-    A batched ``seed`` (``randomness="different"``) gives each sample its own seed; an
-    unbatched one (``"same"``) the same seed, hence the same noise, for every sample.
+    The seed is drawn inside ``vmap`` too, so a batched seed (``randomness="different"``) gives
+    each sample its own draw and an unbatched one (``"same"``) the same draw for every sample.
     """
 
-    def rule(info, in_dims, x, seed, *rest):
-        x_dim, seed_dim = in_dims[0], in_dims[1]
-        for d, a in zip(in_dims[2:], rest, strict=True):
-            if d is not None:
-                raise ValueError(f"gumbelkit: vmap over the argument {a!r} of {op} is not supported; "
-                                 "vmap over the logits instead")
+    def rule(info, in_dims, *args):
         outs = []
         for i in range(info.batch_size):
-            xi = x.select(x_dim, i) if x_dim is not None else x
-            si = seed.select(seed_dim, i) if seed_dim is not None else seed
-            outs.append(op(xi, si, *rest))
+            outs.append(op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=True))))
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs, strict=True)), (0,) * len(outs[0])
         return torch.stack(outs), 0
 
     return rule
+
+
+def register_random_op(op, fake) -> None:
+    """Give a random operator its fake implementation and the shared vmap rule (the template)."""
+    op.register_fake(fake)
+    torch.library.register_vmap(op, _vmap_rule(op))
 
 
 # -- the temperature's values ------------------------------------------------------------------
