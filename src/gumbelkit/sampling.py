@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ._counter_noise import GAMMA, counter_gumbel, counter_uniform, mix64
+from ._kernels.dispatch import cpu_kernels
 from ._kernels.ops import register_random_op
 from ._validation import check_generator, check_logits, compute_dtype
 from .noise import gumbel_noise_like
@@ -804,17 +805,44 @@ def _sample_rows(
             elif not bool(small.all()):
                 big = (~small).nonzero().flatten()
                 groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
+    fused = cpu_kernels(l) if bool((temperature >= _FUSED_MIN_T).all()) else None
     for index, v, ids, keep, stream in groups:
         everyone = index.numel() == n
         t_i = temperature if everyone else temperature[index]
         m_i = m if everyone else m[index]
         s_i = None if seeds is None else (seeds if everyone else seeds[index])
-        z = _scaled(v, m_i, t_i)
-        col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
+        if fused is not None and ids is None:  # a whole-row draw: one fused pass
+            low = None if keep is None else (thr if everyone else thr[index])
+            col = _fused_draw(fused, v, t_i, low, s_i, noise_seed, rows[index], stream)
+            z = _scaled(v, m_i, t_i) if want_logprobs else None
+        else:
+            z = _scaled(v, m_i, t_i)
+            col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
         token[index] = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
         if want_logprobs:
             logprob[index] = _logprob(z, ids, keep, col, vocab)
     return token, logprob
+
+
+# The fused kernel divides by T in the compute dtype; below this the torch path keeps the limit exact.
+_FUSED_MIN_T = 1e-30
+
+
+def _fused_draw(fused, v: torch.Tensor, temperature: torch.Tensor, low: torch.Tensor | None,
+                seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, rows: torch.Tensor,
+                stream: int) -> torch.Tensor:
+    """``argmax_j (v_j - max v) / T + G(seed_r, j)`` over ``v >= low`` in one fused numba pass.
+
+    Seeds mode uses each row's seed; generator mode gives row ``r`` of the batch the seed
+    ``mix64(stream_seed + r * GAMMA)``, so both are counter streams with position = token id.
+    """
+    x = v.to(compute_dtype(v.dtype)).contiguous()
+    if seeds is None:
+        assert noise_seed is not None
+        seeds = mix64(_stream_seed(noise_seed, stream) + rows * GAMMA)
+    lows = None if low is None else low.to(x.dtype).numpy()
+    ids = fused.sample_seeded(x.numpy(), seeds.contiguous(), temperature.to(x.dtype).numpy(), min_value=lows)
+    return torch.from_numpy(ids)
 
 
 def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
