@@ -130,10 +130,18 @@ def _div(x: torch.Tensor, tau: Tau) -> torch.Tensor:
     return x / tau if tau != 1.0 else x
 
 
-def _softmax_over_tau(z: torch.Tensor, tau: Tau, dim: int, at_most_zero: bool = False) -> torch.Tensor:
-    """``softmax(z / tau)``, ``z`` shifted to a maximum of 0 first (unless ``at_most_zero`` says
-    it is already ``<= 0``), so ``z / tau`` never overflows upward."""
-    return torch.softmax(_div(z if at_most_zero else _shifted(z, dim), tau), dim)
+NOISE_BOUND = 40.0
+"""Above every standard Gumbel draw gumbelkit makes (at most 16.6 in float32, 36.7 in float64)."""
+
+
+def _softmax_over_tau(z: torch.Tensor, tau: Tau, dim: int, at_most_zero: bool = False,
+                      at_most: float | None = None) -> torch.Tensor:
+    """``softmax(z / tau)`` where ``z / tau`` cannot overflow upward: ``z`` is shifted to a maximum
+    of 0 first, unless it is known to be ``<= 0`` already (``at_most_zero``) or bounded by
+    ``at_most`` with a float ``tau`` for which ``at_most / tau`` is far from overflowing."""
+    safe = at_most_zero or (at_most is not None and not isinstance(tau, torch.Tensor)
+                            and at_most / tau < torch.finfo(z.dtype).max / 16)
+    return torch.softmax(_div(z if safe else _shifted(z, dim), tau), dim)
 
 
 def _scores(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -259,7 +267,8 @@ class STGumbelSoftmaxFunction(_Estimator):
 
     @staticmethod
     def parts(logits, noise, shift, output, tau, dim):  # type: ignore[override]
-        y = _softmax_over_tau(_scores(logits, shift) + noise.to(shift.dtype), tau, dim)
+        z = _scores(logits, shift) + noise.to(shift.dtype)  # <= the noise's bound
+        y = _softmax_over_tau(z, tau, dim, at_most=NOISE_BOUND)
         return [(1.0, y, dim)], _inverse(tau, shift.dtype)
 
 
@@ -312,7 +321,8 @@ class GumbelRaoFunction(_Estimator):
     @staticmethod
     def parts(logits, noise, shift, output, conditional, tau, dim):  # type: ignore[override]
         z = _scores(logits, shift).unsqueeze(0) + conditional.to(shift.dtype)
-        y = _softmax_over_tau(z, tau.unsqueeze(0) if isinstance(tau, torch.Tensor) else tau, dim + 1)
+        y = _softmax_over_tau(z, tau.unsqueeze(0) if isinstance(tau, torch.Tensor) else tau, dim + 1,
+                              at_most=NOISE_BOUND)
         return [(1.0, y, dim)], _inverse(tau, shift.dtype)
 
 
