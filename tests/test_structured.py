@@ -637,3 +637,16 @@ def test_structured_checks_raise_under_compile_and_vmap():
 def test_module_docstring_examples():
     result = doctest.testmod(gks, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_python_float_temperatures_with_half_scores_are_accepted(dtype):
+    """A Python float tau is never rounded to the scores' dtype (1e5 is inf in float16)."""
+    x = torch.randn(4, 4, generator=gen(70)).to(dtype).requires_grad_(True)
+    for tau in (1e-30, 1e-6, 7e4, 1e6, 1e30):
+        for f in (lambda t: relaxed_topk(x, 2, t, generator=gen(71)),
+                  lambda t: gumbel_sinkhorn(x, t, 5, generator=gen(71))):
+            y = f(tau)
+            assert torch.isfinite(y).all(), tau
+            (grad,) = torch.autograd.grad(y[:, 0].sum(), x)
+            assert torch.isfinite(grad).all(), tau
