@@ -550,6 +550,7 @@ def _seeded(name):
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
 def test_structured_compile_matches_eager(name):
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     f = _seeded(name)
     x0 = torch.randn(4, 4, generator=gen(61))
     w = torch.randn(4, 4, generator=gen(62))
@@ -613,6 +614,7 @@ def test_structured_inference_mode_matches_eager(name):
 def test_structured_checks_raise_under_compile_and_vmap():
     """The data checks and the assignment solver are registered operators: the same ValueError
     under torch.compile (fullgraph for the deterministic operator) and vmap."""
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     f = torch.compile(lambda x: gumbel_sinkhorn(x, 0.5, 5, noise=False, hard=True), fullgraph=True)
     good = torch.randn(2, 3, 3, generator=gen(68))
     torch.testing.assert_close(f(good), gumbel_sinkhorn(good, 0.5, 5, noise=False, hard=True))
