@@ -205,6 +205,20 @@ def _sample(z: torch.Tensor, noise: torch.Tensor, logits: torch.Tensor, dim: int
     return one_hot((z.detach() + noise.to(z.dtype)).argmax(dim, keepdim=True), logits, dim)
 
 
+def needs_derivative(logits: torch.Tensor) -> bool:
+    """Whether anything can differentiate through ``logits``: autograd, torch.func or forward AD.
+
+    When nothing can (``no_grad``, ``inference_mode``, a plain tensor), the estimators return the
+    sample without computing their surrogate. Always True while compiling (the compiled graph
+    must serve both cases).
+    """
+    if torch.compiler.is_compiling():
+        return True
+    return (logits.requires_grad
+            or torch._C._functorch.is_functorch_wrapped_tensor(logits)
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 def _attach(d: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """``d`` in value, the derivative of ``surrogate`` (``d + (s - sg(s))``, exactly ``d``)."""
     return d + (surrogate - surrogate.detach()).to(d.dtype)
@@ -226,7 +240,10 @@ def straight_through(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Ten
               \pi_\tau = \operatorname{softmax}(\theta / \tau).
     """
     z = _scores(logits, shift)
-    return _attach(_sample(z, noise, logits, dim), _softmax_over_tau(z, tau, dim, at_most_zero=True))
+    d = _sample(z, noise, logits, dim)
+    if not needs_derivative(logits):
+        return d
+    return _attach(d, _softmax_over_tau(z, tau, dim, at_most_zero=True))
 
 
 def st_gumbel_softmax(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor, tau: Tau,
@@ -239,8 +256,11 @@ def st_gumbel_softmax(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Te
         y = \operatorname{softmax}((\theta + g)/\tau).
     """
     z = _scores(logits, shift)
+    d = _sample(z, noise, logits, dim)
+    if not needs_derivative(logits):
+        return d
     y = _softmax_over_tau(z + noise.to(z.dtype), tau, dim, at_most=NOISE_BOUND)  # z + g <= the bound
-    return _attach(_sample(z, noise, logits, dim), y)
+    return _attach(d, y)
 
 
 def decoupled_st_gumbel_softmax(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor,
@@ -261,6 +281,8 @@ def decoupled_st_gumbel_softmax(logits: torch.Tensor, noise: torch.Tensor, shift
     z = _scores(logits, shift)
     g = noise.to(z.dtype)
     d = _sample(_div(z.detach(), tau_forward), g, logits, dim)
+    if not needs_derivative(logits):
+        return d
     y = torch.softmax(_shifted(_div(z, tau_backward) + g, dim), dim)
     return _attach(d, y)
 
@@ -279,9 +301,12 @@ def gumbel_rao(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor,
         y_j = \operatorname{softmax}\big((\theta + g^{(j)}) / \tau\big).
     """
     z = _scores(logits, shift)
+    d = _sample(z, noise, logits, dim)
+    if not needs_derivative(logits):
+        return d
     tau_k = tau.unsqueeze(0) if isinstance(tau, torch.Tensor) else tau
     y = _softmax_over_tau(z.unsqueeze(0) + conditional.to(z.dtype), tau_k, dim + 1, at_most=NOISE_BOUND)
-    return _attach(_sample(z, noise, logits, dim), y.mean(0))
+    return _attach(d, y.mean(0))
 
 
 def gapped_straight_through(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor, tau: Tau,
@@ -303,6 +328,8 @@ def gapped_straight_through(logits: torch.Tensor, noise: torch.Tensor, shift: to
     """
     z = _scores(logits, shift)  # the top logit is at 0
     d = _sample(z, noise, logits, dim)
+    if not needs_derivative(logits):
+        return d
     zd, chosen = z.detach(), d.to(torch.bool)
     if gap is None:  # GST-p; the series 1 + p/2 avoids 0/0 where pi_D underflows
         p = (torch.softmax(zd, dim) * d.to(zd.dtype)).sum(dim, keepdim=True)
@@ -332,6 +359,8 @@ def reinmax(logits: torch.Tensor, noise: torch.Tensor, shift: torch.Tensor, tau:
     """
     z = _scores(logits, shift)
     d = _sample(z, noise, logits, dim)
+    if not needs_derivative(logits):
+        return d
     zd = z.detach()
     pi1 = (d.to(z.dtype) + _softmax_over_tau(zd, tau, dim, at_most_zero=True)) * 0.5
     c = torch.where(torch.isneginf(zd), torch.zeros_like(zd), torch.log(pi1) - zd)
