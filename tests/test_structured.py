@@ -565,6 +565,26 @@ def test_structured_compile_matches_eager(name):
 
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_compile_fullgraph_without_generator_matches_eager(name):
+    """No graph break without a generator (the checks and the solver are registered operators)."""
+    torch._dynamo.reset()
+    f = STRUCTURED[name]
+    x0 = torch.randn(4, 4, generator=gen(69))
+    w = torch.randn(4, 4, generator=gen(70))
+    torch.manual_seed(0)
+    x = x0.clone().requires_grad_(True)
+    expected = f(x)
+    (expected * w).sum().backward()
+    y = x0.clone().requires_grad_(True)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        out = torch.compile(f, fullgraph=True)(y)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
 def test_structured_torch_func_and_forward_ad_match_autograd(name):
     f = _seeded(name)
     x0 = torch.randn(4, 4, generator=gen(63), dtype=F64)
