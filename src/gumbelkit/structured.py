@@ -286,7 +286,9 @@ def gumbel_sinkhorn(
             size 1 in the last two dimensions (one per matrix).
         n_iters: Sinkhorn iterations (>= 1), or the most iterations when ``tol`` is given.
         tol: stop once every row sums to 1 within ``tol`` (checked every 10 iterations);
-            ``None`` (default) runs exactly ``n_iters`` iterations, as Mena et al. do.
+            ``None`` (default) runs exactly ``n_iters`` iterations, as Mena et al. do. The
+            stopping test reads the data (a host sync, a graph break under ``torch.compile``,
+            refused under ``vmap``): leave ``tol=None`` in compiled or vmapped code.
         generator: the random source (same state, bit-identical result).
         noise: add Gumbel noise (``False``: the deterministic Sinkhorn operator).
         hard: return the exact permutation matrix with straight-through gradients.
