@@ -214,7 +214,7 @@ def needs_derivative(logits: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return True
-    return (logits.requires_grad
+    return ((logits.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(logits)
             or torch.autograd.forward_ad._current_level >= 0)
 
