@@ -33,6 +33,15 @@ Z_MAX = 4.0
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _restore_distribution_validation():
+    """torch.compile switches torch.distributions' global validate_args default off for the whole
+    process; put it back so that later tests (in the same worker) see torch's default."""
+    saved = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(saved)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -25,6 +25,15 @@ NEG_INF = float("-inf")
 P_MIN = 1e-3
 
 
+@pytest.fixture(autouse=True)
+def _restore_distribution_validation():
+    """torch.compile switches torch.distributions' global validate_args default off for the whole
+    process; put it back so that later tests (in the same worker) see torch's default."""
+    saved = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(saved)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
