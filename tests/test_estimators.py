@@ -33,6 +33,15 @@ Z_MAX = 4.0
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _restore_distribution_validation():
+    """torch.compile switches torch.distributions' global validate_args default off for the whole
+    process; put it back so that later tests (in the same worker) see torch's default."""
+    saved = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(saved)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -612,9 +621,10 @@ def test_property_estimators_finite_at_extremes(data):
 
 
 # ----------------------------------------------------------------------------- composability (issue 10)
-# The Functions are new-style (setup_context, backward and jvp in plain torch ops, a generated
-# vmap rule); the noise is an input. Each method is checked under torch.compile, torch.func
-# (grad, jacrev, jvp, vmap), forward-mode AD, double backward and inference_mode.
+# The estimators are plain differentiable torch ops around a registered validation operator; the
+# noise is an input. Each method is checked under torch.compile (fullgraph=True without a
+# generator), torch.func (grad, jacrev, jvp, vmap), forward-mode AD, double backward and
+# inference_mode.
 
 COMPOSE = [(m, _extra(m)) for m in PATHWISE] + [("gst", {"gap": "p"})]
 COMPOSE_IDS = [m + ("-p" if kw.get("gap") == "p" else "") for m, kw in COMPOSE]
@@ -634,6 +644,7 @@ def _case(dtype=torch.float32):
 
 @pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)
 def test_compile_forward_and_backward_match_eager(method, kw):
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     f = _sampler(method, kw)
     logits, upstream = _case()
     x = logits.clone().requires_grad_(True)
@@ -643,6 +654,30 @@ def test_compile_forward_and_backward_match_eager(method, kw):
         out = torch.compile(f)(y)
     (out * upstream).sum().backward()
     assert torch.equal(out, f(logits))
+    torch.testing.assert_close(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)
+def test_compile_fullgraph_without_generator_matches_eager(method, kw, dtype):
+    """No graph break: torch.compile(fullgraph=True), same sample and gradient as eager for the
+    same torch.manual_seed (inductor told to use torch's random ops)."""
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
+    def f(x):
+        return est.sample(x, method, tau=0.7, **kw)
+
+    logits, upstream = _case()
+    logits, upstream = logits.to(dtype), upstream.to(dtype)
+    torch.manual_seed(0)
+    x = logits.clone().requires_grad_(True)
+    expected = f(x)
+    (expected * upstream).sum().backward()
+    y = logits.clone().requires_grad_(True)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        out = torch.compile(f, fullgraph=True)(y)
+    (out * upstream).sum().backward()
+    assert torch.equal(out, expected)
     torch.testing.assert_close(y.grad, x.grad)
 
 
@@ -690,10 +725,7 @@ def test_double_backward_matches_the_float64_reference(method, kw):
 def test_vmap_of_the_functions_with_noise_passed_in(method, kw):
     """vmap over a batch with batched noise equals the per-example loop (values and gradients)."""
     from gumbelkit._kernels.estimators import row_max
-    cls = {"st": kern.StraightThroughFunction, "st-gs": kern.STGumbelSoftmaxFunction,
-           "decoupled-st-gs": kern.DecoupledSTGumbelSoftmaxFunction,
-           "gumbel-rao": kern.GumbelRaoFunction, "gst": kern.GappedStraightThroughFunction,
-           "reinmax": kern.ReinMaxFunction}[method]
+    function = kern.ESTIMATORS[method]
     extra = {"decoupled-st-gs": (1.0, 0.7), "gst": (0.7, None if kw.get("gap") == "p" else 1.0)}
     params = extra.get(method, (0.7,))
     logits = torch.randn(5, 3, 4, generator=gen(305))
@@ -702,7 +734,7 @@ def test_vmap_of_the_functions_with_noise_passed_in(method, kw):
 
     def one(x, g, c):
         cond_arg = (c,) if method == "gumbel-rao" else ()
-        return cls.apply(x, g, row_max(x.detach(), 1), *cond_arg, *params, 1)
+        return function(x, g, row_max(x.detach(), 1), *cond_arg, *params, 1)
 
     def loss(x, g, c):
         return (one(x, g, c) * torch.arange(4.0)).sum()
@@ -737,10 +769,11 @@ def test_inference_mode_and_no_grad_give_the_eager_sample(method, kw):
 def test_validation_raises_under_compile_fullgraph_and_vmap():
     """The data checks are a registered operator: the same ValueError in a fullgraph-compiled
     function and under vmap, without graph breaks."""
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     from gumbelkit._kernels.estimators import row_max
 
     def f(x, g):
-        return kern.StraightThroughFunction.apply(x, g, row_max(x.detach(), -1), 0.5, -1)
+        return kern.straight_through(x, g, row_max(x.detach(), -1), 0.5, -1)
 
     compiled = torch.compile(f, fullgraph=True)
     x = torch.randn(3, 4, generator=gen(310))

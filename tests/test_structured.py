@@ -25,6 +25,15 @@ NEG_INF = float("-inf")
 P_MIN = 1e-3
 
 
+@pytest.fixture(autouse=True)
+def _restore_distribution_validation():
+    """torch.compile switches torch.distributions' global validate_args default off for the whole
+    process; put it back so that later tests (in the same worker) see torch's default."""
+    saved = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(saved)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -550,6 +559,7 @@ def _seeded(name):
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
 def test_structured_compile_matches_eager(name):
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     f = _seeded(name)
     x0 = torch.randn(4, 4, generator=gen(61))
     w = torch.randn(4, 4, generator=gen(62))
@@ -560,6 +570,26 @@ def test_structured_compile_matches_eager(name):
         out = torch.compile(f)(y)
     (out * w).sum().backward()
     torch.testing.assert_close(out, f(x0))
+    torch.testing.assert_close(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED))
+def test_structured_compile_fullgraph_without_generator_matches_eager(name):
+    """No graph break without a generator (the checks and the solver are registered operators)."""
+    torch._dynamo.reset()
+    f = STRUCTURED[name]
+    x0 = torch.randn(4, 4, generator=gen(69))
+    w = torch.randn(4, 4, generator=gen(70))
+    torch.manual_seed(0)
+    x = x0.clone().requires_grad_(True)
+    expected = f(x)
+    (expected * w).sum().backward()
+    y = x0.clone().requires_grad_(True)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(0)
+        out = torch.compile(f, fullgraph=True)(y)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, expected)
     torch.testing.assert_close(y.grad, x.grad)
 
 
@@ -610,6 +640,7 @@ def test_structured_inference_mode_matches_eager(name):
 def test_structured_checks_raise_under_compile_and_vmap():
     """The data checks and the assignment solver are registered operators: the same ValueError
     under torch.compile (fullgraph for the deterministic operator) and vmap."""
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     f = torch.compile(lambda x: gumbel_sinkhorn(x, 0.5, 5, noise=False, hard=True), fullgraph=True)
     good = torch.randn(2, 3, 3, generator=gen(68))
     torch.testing.assert_close(f(good), gumbel_sinkhorn(good, 0.5, 5, noise=False, hard=True))
@@ -634,3 +665,16 @@ def test_structured_checks_raise_under_compile_and_vmap():
 def test_module_docstring_examples():
     result = doctest.testmod(gks, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_python_float_temperatures_with_half_scores_are_accepted(dtype):
+    """A Python float tau is never rounded to the scores' dtype (1e5 is inf in float16)."""
+    x = torch.randn(4, 4, generator=gen(70)).to(dtype).requires_grad_(True)
+    for tau in (1e-30, 1e-6, 7e4, 1e6, 1e30):
+        for f in (lambda t: relaxed_topk(x, 2, t, generator=gen(71)),
+                  lambda t: gumbel_sinkhorn(x, t, 5, generator=gen(71))):
+            y = f(tau)
+            assert torch.isfinite(y).all(), tau
+            (grad,) = torch.autograd.grad(y[:, 0].sum(), x)
+            assert torch.isfinite(grad).all(), tau

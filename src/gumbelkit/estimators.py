@@ -38,16 +38,8 @@ from types import MappingProxyType
 
 import torch
 
-from ._kernels.estimators import (
-    DecoupledSTGumbelSoftmaxFunction,
-    GappedStraightThroughFunction,
-    GumbelRaoFunction,
-    ReinMaxFunction,
-    STGumbelSoftmaxFunction,
-    StraightThroughFunction,
-    one_hot,
-    row_max,
-)
+from ._kernels import estimators as kernels
+from ._kernels.estimators import one_hot, row_max
 from ._validation import check_generator, check_logits, check_tau, compute_dtype, normalize_dim
 from .noise import gumbel_noise_like
 
@@ -180,7 +172,7 @@ def straight_through(
         True
     """
     logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
-    return StraightThroughFunction.apply(logits, noise, shift, tau, dim)
+    return kernels.straight_through(logits, noise, shift, tau, dim)
 
 
 def st_gumbel_softmax(
@@ -207,7 +199,7 @@ def st_gumbel_softmax(
         True
     """
     logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
-    return STGumbelSoftmaxFunction.apply(logits, noise, shift, tau, dim)
+    return kernels.st_gumbel_softmax(logits, noise, shift, tau, dim)
 
 
 def decoupled_st_gumbel_softmax(
@@ -245,7 +237,7 @@ def decoupled_st_gumbel_softmax(
     tau_backward = _temperature(tau_backward, logits, dim, "tau_backward")
     shift = _shift(logits, dim)
     noise = gumbel_noise_like(logits, generator=generator)
-    return DecoupledSTGumbelSoftmaxFunction.apply(logits, noise, shift, tau_forward, tau_backward, dim)
+    return kernels.decoupled_st_gumbel_softmax(logits, noise, shift, tau_forward, tau_backward, dim)
 
 
 def _separate_ties(noise: torch.Tensor, theta: torch.Tensor, index: torch.Tensor,
@@ -366,7 +358,7 @@ def gumbel_rao(
         theta = logits.detach().to(shift.dtype)
         index = (theta - shift + noise.to(shift.dtype)).argmax(dim, keepdim=True)
         cond = _conditional_noise(theta, index, k, dim, generator)
-    return GumbelRaoFunction.apply(logits, noise, shift, cond, tau, dim)
+    return kernels.gumbel_rao(logits, noise, shift, cond, tau, dim)
 
 
 def gapped_straight_through(
@@ -409,7 +401,7 @@ def gapped_straight_through(
     else:
         gap = float(gap)
     logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
-    return GappedStraightThroughFunction.apply(logits, noise, shift, tau, gap, dim)
+    return kernels.gapped_straight_through(logits, noise, shift, tau, gap, dim)
 
 
 def reinmax(
@@ -444,7 +436,7 @@ def reinmax(
         torch.Size([1, 3])
     """
     logits, tau, dim, noise, shift = _draw(logits, tau, dim, generator)
-    return ReinMaxFunction.apply(logits, noise, shift, tau, dim)
+    return kernels.reinmax(logits, noise, shift, tau, dim)
 
 
 # ----------------------------------------------------------------------------- score function

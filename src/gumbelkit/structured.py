@@ -187,7 +187,15 @@ def relaxed_topk(
         generator: the random source (same state, bit-identical result).
 
     Returns:
-        A tensor like ``logits``, nonnegative, whose entries along ``dim`` sum to ``k``.
+        A tensor like ``logits`` (same shape and dtype), nonnegative, whose entries along ``dim``
+        sum to ``k`` (within the dtype's rounding), at any scale: the scores are shifted by their
+        row maximum before the division by ``tau`` (five equal logits of 1e8 with ``k = 2`` sum
+        to 2), and half precision is computed in float32.
+
+    Raises:
+        TypeError: ``logits`` not a floating tensor, ``k`` not an int, ``hard`` not a bool.
+        ValueError: ``k`` outside ``[1, n]``, a bad ``tau``, or (checked on the data) a NaN, a
+            ``+inf`` or a row with fewer than ``k`` finite logits.
 
     Example:
         >>> logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 2.0]], requires_grad=True)
@@ -278,13 +286,23 @@ def gumbel_sinkhorn(
             size 1 in the last two dimensions (one per matrix).
         n_iters: Sinkhorn iterations (>= 1), or the most iterations when ``tol`` is given.
         tol: stop once every row sums to 1 within ``tol`` (checked every 10 iterations);
-            ``None`` (default) runs exactly ``n_iters`` iterations, as Mena et al. do.
+            ``None`` (default) runs exactly ``n_iters`` iterations, as Mena et al. do. The
+            stopping test reads the data (a host sync, a graph break under ``torch.compile``,
+            refused under ``vmap``): leave ``tol=None`` in compiled or vmapped code.
         generator: the random source (same state, bit-identical result).
         noise: add Gumbel noise (``False``: the deterministic Sinkhorn operator).
         hard: return the exact permutation matrix with straight-through gradients.
 
     Returns:
-        A doubly stochastic (or, with ``hard``, permutation) matrix like ``log_alpha``.
+        A doubly stochastic (or, with ``hard``, permutation) matrix like ``log_alpha`` (same shape
+        and dtype; computed in float32 for half precision, each line normalized after a shift by
+        its maximum, so scores up to 1e30 and tau down to 1e-6 stay finite).
+
+    Raises:
+        ImportError: ``hard=True`` without SciPy (``pip install 'gumbelkit[scipy]'``).
+        ValueError: a NaN or ``+inf`` score, a row or column with no finite score, bad
+            ``tau``/``n_iters``/``tol``, or with ``hard=True`` no permutation avoiding the
+            ``-inf`` entries.
 
     Example:
         >>> log_alpha = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(1))
