@@ -24,6 +24,9 @@ import reference as ref
 from gumbelkit.noise import gumbel_noise_like
 from gumbelkit.sampling import sample
 
+# every test runs on the default kernels (fused numba where installed) and on the torch path
+pytestmark = pytest.mark.usefixtures("backend")
+
 NEG_INF = float("-inf")
 P_MIN = 1e-3
 N_DRAWS = 200_000
@@ -295,7 +298,8 @@ def test_a_row_does_not_depend_on_its_neighbours():
     assert sample(other, seeds=seeds, **params)[0] == base[0]
 
 
-def test_generator_reproducible_and_follows_the_noise_contract():
+def test_generator_reproducible_and_follows_the_noise_contract(monkeypatch):
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "torch")  # the torch path's noise (the fused one: below)
     logits = torch.randn(16, 100, generator=gen(11))
     a = sample(logits, top_p=0.9, temperature=0.8, generator=gen(12))
     assert torch.equal(a, sample(logits, top_p=0.9, temperature=0.8, generator=gen(12)))
@@ -583,6 +587,7 @@ def test_two_way_ties_are_fair_at_any_scale_and_temperature(dtype, source, optio
 @pytest.mark.parametrize("kwargs", [dict(), dict(top_k=3), dict(top_p=0.99), dict(min_p=0.1)])
 @pytest.mark.parametrize("source", SOURCES)
 def test_noise_ties_are_broken_uniformly(monkeypatch, source, kwargs):
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "torch")  # patches the torch path's noise
     """With noise that always ties (zeros), the tied maxima win uniformly, not the lowest id."""
     monkeypatch.setattr(
         sampling, "_noise", lambda z, pos, seeds, noise_seed, stream: torch.zeros(z.shape, dtype=torch.float64)
@@ -850,3 +855,18 @@ def test_docs_sampling_examples_run(monkeypatch):
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/sampling.md", "exec"), {"__name__": "docs_sampling"})
+
+
+@pytest.mark.skipif(not __import__("gumbelkit._kernels.cpu_fused", fromlist=["x"]).available(),
+                    reason="numba is not installed")
+def test_fused_whole_row_draw_is_the_seeded_kernel():
+    # with numba, a whole-row draw is sample_seeded: argmax (x - max x) / T + G(seed_r, token id)
+    from gumbelkit._kernels import cpu_fused
+
+    x = torch.randn(5, 3000, generator=gen(70))
+    seeds = torch.arange(5) + 100
+    want = torch.from_numpy(cpu_fused.sample_seeded(x.numpy(), seeds, 0.7))
+    assert torch.equal(sample(x, temperature=0.7, seeds=seeds), want)
+    # generator mode: reproducible, and every row is its own counter stream
+    a = sample(x, temperature=0.7, generator=gen(71))
+    assert torch.equal(a, sample(x, temperature=0.7, generator=gen(71)))

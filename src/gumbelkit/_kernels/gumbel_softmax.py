@@ -87,16 +87,26 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         grad = present[0].to(cdtype) if len(present) == 1 else present[0].to(cdtype) + present[1].to(cdtype)
         yc = y.to(cdtype)
         dim = ctx.dim
+        # in place where no graph is being built (create_graph=False): two passes fewer
+        inplace = not torch.is_grad_enabled()
         if ctx.mode == LOG:
             p = torch.exp(yc)
             w = grad - p * grad.sum(dim, keepdim=True)
             w = torch.where(torch.isinf(yc), torch.zeros_like(w), w)
+        elif inplace:
+            w = grad * yc
+            w = w.addcmul_(yc, w.sum(dim, keepdim=True), value=-1.0)
         else:
             w = yc * (grad - (grad * yc).sum(dim, keepdim=True))
         tau = ctx.tau if tau_t is None else tau_t.to(cdtype)
         grad_logits = grad_tau = None
         if ctx.needs_input_grad[0]:
-            grad_logits = (w / tau).to(y.dtype)
+            if tau_t is None and tau == 1.0:
+                grad_logits = w.to(y.dtype)
+            elif inplace and not (tau_t is not None and ctx.needs_input_grad[1]):
+                grad_logits = w.div_(tau).to(y.dtype)
+            else:
+                grad_logits = (w / tau).to(y.dtype)
         if tau_t is not None and ctx.needs_input_grad[1]:
             g = -_times_log_y(w, _log_y(yc, ctx.mode)).sum(dim, keepdim=True) / tau
             grad_tau = g.sum_to_size(tau_t.shape).to(tau_t.dtype)

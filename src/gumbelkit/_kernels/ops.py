@@ -12,8 +12,8 @@ Every sampler follows one template:
    tensor drawn by the Python wrapper from the user's generator (:func:`draw_seed`), so the
    draw is a pure function of the generator state, the same in eager, compiled and exported
    runs, and replayable under checkpointing;
-2. ``NAME.register_fake``: output shapes and dtypes only;
-3. ``torch.library.register_vmap(NAME, _vmap_rule)``: the shared rule below, which honours
+2. a fake implementation (output shapes and dtypes only) and 3. the shared vmap rule, both
+   given by :func:`register_random_op`; the vmap rule honours
    ``vmap``'s ``randomness``: the seed is itself drawn inside ``vmap``, so under
    ``randomness="different"`` it arrives batched (one seed per sample) and under ``"same"``
    unbatched (every sample draws the same noise); ``"error"`` raises in ``torch.randint``,
@@ -147,12 +147,11 @@ def gumbel_noise_op(like: Tensor, seed: Tensor) -> Tensor:
     return _neg_noise(seed, like.shape, compute_dtype(like.dtype), like.device).neg_()
 
 
-@gumbel_noise_op.register_fake
-def _(like: Tensor, seed: Tensor) -> Tensor:
+def _gumbel_noise_fake(like: Tensor, seed: Tensor) -> Tensor:
     return like.new_empty(like.shape, dtype=compute_dtype(like.dtype))
 
 
-torch.library.register_vmap(gumbel_noise_op, _vmap_rule(gumbel_noise_op))
+register_random_op(gumbel_noise_op, _gumbel_noise_fake)
 
 
 # -- shared pieces of the sampler implementations ----------------------------------------------
@@ -231,14 +230,13 @@ def softmax_of_perturbed_(x: Tensor, dtype: torch.dtype, tau_t: Tensor | None, t
     return out.to(dtype), index
 
 
-@gumbel_softmax_op.register_fake
-def _(logits, seed, mask, tau_t, tau, dim, mode):
+def _gumbel_softmax_fake(logits, seed, mask, tau_t, tau, dim, mode):
     shape = list(logits.shape)
     shape[dim] = 1
     return torch.empty_like(logits), logits.new_empty(shape, dtype=torch.int64)
 
 
-torch.library.register_vmap(gumbel_softmax_op, _vmap_rule(gumbel_softmax_op))
+register_random_op(gumbel_softmax_op, _gumbel_softmax_fake)
 
 
 # -- gumbel_max --------------------------------------------------------------------------------
@@ -256,14 +254,13 @@ def gumbel_max_op(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -
     return x.argmax(dim, keepdim=True)
 
 
-@gumbel_max_op.register_fake
-def _(logits, seed, mask, dim):
+def _gumbel_max_fake(logits, seed, mask, dim):
     shape = list(logits.shape)
     shape[dim] = 1
     return logits.new_empty(shape, dtype=torch.int64)
 
 
-torch.library.register_vmap(gumbel_max_op, _vmap_rule(gumbel_max_op))
+register_random_op(gumbel_max_op, _gumbel_max_fake)
 
 
 # -- gumbel_topk -------------------------------------------------------------------------------
@@ -289,11 +286,10 @@ def gumbel_topk_op(logits: Tensor, seed: Tensor, mask: Tensor | None, k: int, di
     return values.add_(m.to(values.dtype)).to(logits.dtype), indices
 
 
-@gumbel_topk_op.register_fake
-def _(logits, seed, mask, k, dim):
+def _gumbel_topk_fake(logits, seed, mask, k, dim):
     shape = list(logits.shape)
     shape[dim] = k
     return logits.new_empty(shape), logits.new_empty(shape, dtype=torch.int64)
 
 
-torch.library.register_vmap(gumbel_topk_op, _vmap_rule(gumbel_topk_op))
+register_random_op(gumbel_topk_op, _gumbel_topk_fake)
