@@ -397,6 +397,12 @@ def test_genuine_samples_accepted_and_off_support_points_rejected(dtype, K):
 @pytest.fixture
 def restore_defaults():
     old = td.Distribution._validate_args
+    # forget an earlier torch.compile in this worker (dynamo's one-off TorchPatcher.patch), so that
+    # these tests see a process where torch's switch is the user's alone until they compile
+    from torch._dynamo import eval_frame
+
+    eval_frame.TorchPatcher.patch.cache_clear()
+    td.Distribution.set_default_validate_args(True)
     yield
     td.Distribution.set_default_validate_args(old)
     gkd.set_default_validate_args(None)

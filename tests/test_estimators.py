@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import gumbelkit.estimators as est
+import strategies
 from gumbelkit import _estimator_report as report
 from gumbelkit import gumbel_max
 from gumbelkit._kernels import estimators as kern
@@ -585,11 +586,7 @@ def _logit_values(dtype: torch.dtype):
 
 
 def _temperature_strategy(data, dtype_ok=DTYPES):
-    tau = 10.0 ** data.draw(st.floats(-6, 6), label="log10 tau")
-    if data.draw(st.booleans(), label="tensor tau"):
-        fits = [d for d in dtype_ok if float(torch.finfo(d).max) > tau and torch.finfo(d).tiny < tau]
-        tau = torch.tensor(tau, dtype=data.draw(st.sampled_from(fits), label="tau dtype"))
-    return tau
+    return strategies.temperature(data, dtype_ok)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -678,7 +675,9 @@ def test_compile_fullgraph_without_generator_matches_eager(method, kw, dtype):
         out = torch.compile(f, fullgraph=True)(y)
     (out * upstream).sum().backward()
     assert torch.equal(out, expected)
-    torch.testing.assert_close(y.grad, x.grad)
+    # inductor computes bfloat16 chains in float32 and rounds once: the gradients differ by rounding
+    tol = {"atol": 2e-3, "rtol": 5e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y.grad, x.grad, **tol)
 
 
 @pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)

@@ -17,6 +17,7 @@ from scipy import stats
 
 import gumbelkit as gk
 import gumbelkit.structured as gks
+import strategies
 from gumbelkit.distributions import PlackettLuce
 from gumbelkit.structured import gumbel_sinkhorn, matching, relaxed_topk
 
@@ -485,11 +486,7 @@ def _score_values(dtype: torch.dtype):
 
 
 def _tau(data):
-    tau = 10.0 ** data.draw(st.floats(-6, 6), label="log10 tau")
-    if data.draw(st.booleans(), label="tensor tau"):
-        fits = [d for d in DTYPES if float(torch.finfo(d).max) > tau and torch.finfo(d).tiny < tau]
-        tau = torch.tensor(tau, dtype=data.draw(st.sampled_from(fits), label="tau dtype"))
-    return tau
+    return strategies.temperature(data, DTYPES)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

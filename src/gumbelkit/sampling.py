@@ -142,6 +142,12 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
+def _row_params(batch: int, device: torch.device, *values: object) -> list[torch.Tensor]:
+    """``temperature, top_k, top_p, min_p, min_tokens_to_keep`` as checked ``(B,)`` tensors."""
+    names = ("temperature", "top_k", "top_p", "min_p", "min_tokens_to_keep")
+    return [_row_param(v, name, batch, device) for v, name in zip(values, names, strict=True)]
+
+
 def _check_seeds(seeds: object, batch: int, device: torch.device) -> torch.Tensor | None:
     if seeds is None:
         return None
@@ -274,16 +280,7 @@ def sample(
         )
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
-    params = [
-        _row_param(value, name, batch, dev)
-        for value, name in (
-            (temperature, "temperature"),
-            (top_k, "top_k"),
-            (top_p, "top_p"),
-            (min_p, "min_p"),
-            (min_tokens_to_keep, "min_tokens_to_keep"),
-        )
-    ]
+    params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     noise_seed = None
     if seeds is None:
         noise_seed = torch.randint(
@@ -733,16 +730,7 @@ def _kept_mask(
     """
     batch = logits.shape[0]
     dev = logits.device
-    params = [
-        _row_param(v, name, batch, dev)
-        for v, name in (
-            (temperature, "temperature"),
-            (top_k, "top_k"),
-            (top_p, "top_p"),
-            (min_p, "min_p"),
-            (min_tokens_to_keep, "min_tokens_to_keep"),
-        )
-    ]
+    params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     m = logits.amax(-1)
     _check_data(m, logits, *params)
     kept = _thresholds(logits, m, *params)

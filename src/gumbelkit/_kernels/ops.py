@@ -197,10 +197,12 @@ def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: 
     kernels = triton_kernels(logits)
     if kernels is not None and mask is None and tau_t is None and mode != LOG:
         return kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
-    fused, rows = _fused_rows(logits, mask, dim) if tau_t is None and tau >= _FUSED_MIN_TAU else (None, None)
+    small_tau = tau < _FUSED_MIN_TAU if tau_t is None else bool((tau_t < _FUSED_MIN_TAU).any())
+    fused, rows = (None, None) if small_tau else _fused_rows(logits, mask, dim)
     if fused is not None:
         kernel = fused.log_gumbel_softmax if mode == LOG else fused.gumbel_softmax
-        y, index = kernel(rows.numpy(), int(seed), tau)
+        taus = tau if tau_t is None else tau_t.to(rows.dtype).expand(*logits.shape[:-1], 1).reshape(-1).contiguous()
+        y, index = kernel(rows.numpy(), int(seed), taus if tau_t is None else taus.numpy())
         out = torch.from_numpy(y).view(logits.shape)
         if mode == LOG and out.dtype != logits.dtype:
             out = out.clamp_(min=torch.finfo(logits.dtype).min)  # saturate, as the torch path does
@@ -263,12 +265,20 @@ def _gumbel_max_fake(logits, seed, mask, dim):
 register_random_op(gumbel_max_op, _gumbel_max_fake)
 
 
+def _spans_overflow(rows: Tensor) -> Tensor:
+    """Per row: do the finite logits lie so far apart that ``x - max x`` overflows to -inf?"""
+    lowest = torch.finfo(rows.dtype).min
+    return torch.isinf(rows.amax(-1) - rows.masked_fill(torch.isneginf(rows), 0.0).amin(-1).clamp(min=lowest))
+
+
 # -- gumbel_topk -------------------------------------------------------------------------------
 
 @torch.library.custom_op("gumbelkit::gumbel_topk", mutates_args=())
 def gumbel_topk_op(logits: Tensor, seed: Tensor, mask: Tensor | None, k: int, dim: int) -> tuple[Tensor, Tensor]:
     """The top ``k`` of ``logits + g`` along ``dim``: ``(values, indices)`` in sampling order."""
     fused, rows = _fused_rows(logits, mask, dim)
+    if fused is not None and bool(_spans_overflow(rows).any()):
+        fused = None  # finite logits more than finfo.max apart: the torch path keeps them possible
     if fused is not None:
         values, indices = fused.gumbel_topk(rows.numpy(), int(seed), k)
         shape = (*logits.shape[:-1], k)
