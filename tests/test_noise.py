@@ -143,6 +143,7 @@ def test_default_generator_follows_manual_seed():
         ({"loc": 3.0e38, "scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
         ({"scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
         ({"loc": -6.55e4, "dtype": torch.float16}, ValueError, "overflow"),
+        ({"scale": 1e-46, "dtype": torch.float32}, ValueError, "underflows"),
         ({"loc": torch.tensor([0.0, 3.0e38]), "scale": 1e37, "dtype": torch.float32}, ValueError, "overflow"),
     ],
 )

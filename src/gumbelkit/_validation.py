@@ -96,7 +96,7 @@ def check_tau(tau: object, logits: torch.Tensor, dim: int) -> float | torch.Tens
     if isinstance(tau, bool) or not isinstance(tau, Real):
         raise TypeError(f"tau must be a float or a tensor, got {type(tau).__name__}")
     tau = float(tau)
-    if not (math.isfinite(tau) and tau > 0):
+    if not 0 < tau < math.inf:  # comparisons, not math.isfinite: also for a float traced by compile
         raise ValueError(f"tau must be finite and > 0, got {tau}{hint}")
     return tau
 

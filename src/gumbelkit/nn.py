@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._kernels.estimators import row_max
 from ._validation import (
     check_generator,
     check_logits,
     check_mask,
-    check_rows,
     check_tau,
     compute_dtype,
     normalize_dim,
@@ -48,7 +48,7 @@ def _check_positive_tau(tau: object) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a float or an nn.Module returning a tensor "
                         f"(e.g. LearnableTemperature), got {type(tau).__name__}")
-    if not (math.isfinite(tau) and tau > 0):
+    if not 0 < tau < math.inf:  # comparisons, not math.isfinite: also for a float traced by compile
         raise ValueError(f"tau must be finite and > 0, got {tau}")
 
 
@@ -122,7 +122,7 @@ class GumbelSoftmax(nn.Module):
         x = logits.to(compute_dtype(logits.dtype))
         if mask is not None:
             x = x.masked_fill(~mask, float("-inf"))
-        check_rows(x.amax(dim, keepdim=True), logits, mask, dim)  # NaN, +inf or no allowed category
+        x = x - row_max(x.detach(), dim)  # an operator: NaN, +inf or no allowed category raise under compile too
         if self.eval_mode == "argmax":
             out = torch.zeros_like(x).scatter_(dim, x.detach().argmax(dim, keepdim=True), 1.0)
             out = out.log() if self.log else out

@@ -59,6 +59,9 @@ def _check_range(loc: float | torch.Tensor, scale: float | torch.Tensor, dtype: 
             ok = bool((reach <= top).all())
     else:
         ok = abs(loc) + scale * G_BOUND <= top
+    if bool((torch.as_tensor(scale).detach().to(compute_dtype(dtype)) == 0).any()):
+        raise ValueError(f"scale underflows to 0 in {compute_dtype(dtype)}, the dtype the noise is computed in; "
+                         "use a larger scale or a wider dtype")
     if not ok:
         raise ValueError(f"loc and scale are too large for {dtype}: loc + scale * g (|g| <= {G_BOUND:g}) "
                          f"would overflow its largest value {top:g}; use a wider dtype or smaller loc/scale")

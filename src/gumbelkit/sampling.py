@@ -239,6 +239,9 @@ def sample(
             rows, the batch size or the row's position. Excludes ``generator``.
         return_logprobs: also return :math:`\log q` of the sampled tokens.
 
+    Not differentiable: ``logits`` are detached (the log-probabilities are values, for a
+    score-function loss use :func:`gumbelkit.estimators.sample_with_log_prob`).
+
     Returns:
         ``(B,)`` int64 token ids, or a :class:`SampleOutput` ``(ids, logprobs)`` when
         ``return_logprobs`` (log-probabilities in the compute dtype).

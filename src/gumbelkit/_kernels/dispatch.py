@@ -21,7 +21,7 @@ _BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 def _backend() -> str:
-    backend = os.environ.get("GUMBELKIT_BACKEND", "auto").lower()
+    backend = os.environ.get("GUMBELKIT_BACKEND", "").lower() or "auto"  # unset or empty: auto
     if backend not in _BACKENDS:
         raise ValueError(f"GUMBELKIT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
     return backend

@@ -120,23 +120,25 @@ def register_random_op(op, fake) -> None:
 
 # -- the temperature's values ------------------------------------------------------------------
 
-@torch.library.custom_op("gumbelkit::checked_tau", mutates_args=())
-def checked_tau(tau: Tensor) -> Tensor:
-    """A copy of a tensor temperature, after checking that every value is finite and > 0.
-
-    The copy is what the samplers use, so compilers cannot drop the check as dead code.
-    """
+@torch.library.custom_op("gumbelkit::check_tau", mutates_args=())
+def _check_tau_op(tau: Tensor) -> Tensor:
+    """Zeros like a tensor temperature, after checking that every value is finite and > 0."""
     check_tau_values(tau)
-    return tau.clone()
+    return torch.zeros_like(tau)
 
 
-@checked_tau.register_fake
-def _(tau: Tensor) -> Tensor:
-    return torch.empty_like(tau)
+_check_tau_op.register_fake(lambda tau: torch.empty_like(tau))
+torch.library.register_vmap(_check_tau_op, lambda info, in_dims, tau: (_check_tau_op(tau), in_dims[0]))
 
 
-torch.library.register_vmap(checked_tau, lambda info, in_dims, tau: (checked_tau(tau), in_dims[0]))
-torch.library.register_autograd(checked_tau, lambda ctx, grad: grad)
+def checked_tau(tau: Tensor) -> Tensor:
+    """A tensor temperature after an operator has checked its values (finite, > 0).
+
+    ``tau + zeros``: the check's output is used, so compilers cannot drop it as dead code, and
+    the temperature stays on the differentiable path in plain torch ops (backward, forward AD
+    and torch.func see through the addition; the operator only sees ``tau.detach()``).
+    """
+    return tau + _check_tau_op(tau.detach())
 
 
 # -- noise -----------------------------------------------------------------------------------
