@@ -195,10 +195,12 @@ def _perturbed(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> t
 def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: Tensor | None, tau: float,
                       dim: int, mode: int) -> tuple[Tensor, Tensor]:
     """``(y, index)``: ``y`` = softmax((logits + g) / tau) (``mode`` SOFT/HARD) or its log (LOG), and
-    the argmax of ``logits + g`` along ``dim`` (kept with size 1), the exact Gumbel-Max draw."""
+    in HARD mode the argmax of ``logits + g`` along ``dim`` (kept with size 1), the exact
+    Gumbel-Max draw (an empty int64 tensor in the other modes)."""
     kernels = triton_kernels(logits)
     if kernels is not None and mask is None and tau_t is None and mode != LOG:
-        return kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
+        y, index = kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
+        return y, index if mode == HARD else index.new_empty(0)
     small_tau = tau < _FUSED_MIN_TAU if tau_t is None else bool((tau_t < _FUSED_MIN_TAU).any())
     fused, rows = (None, None) if small_tau else _fused_rows(logits, mask, dim)
     if fused is not None:
@@ -208,15 +210,24 @@ def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: 
         out = torch.from_numpy(y).view(logits.shape)
         if mode == LOG and out.dtype != logits.dtype:
             out = out.clamp_(min=torch.finfo(logits.dtype).min)  # saturate, as the torch path does
-        return out.to(logits.dtype), torch.from_numpy(index).view(*logits.shape[:-1], 1)
+        index = torch.from_numpy(index) if mode == HARD else torch.empty(0, dtype=torch.int64)
+        index = index.view(*logits.shape[:-1], 1) if mode == HARD else index
+        return out.to(logits.dtype), index
     x, _ = _perturbed(logits, seed, mask, dim)
     return softmax_of_perturbed_(x, logits.dtype, tau_t, tau, dim, mode)
 
 
 def softmax_of_perturbed_(x: Tensor, dtype: torch.dtype, tau_t: Tensor | None, tau: float, dim: int,
                           mode: int) -> tuple[Tensor, Tensor]:
-    """``(softmax(x / tau) or its log, argmax x)`` of perturbed scores ``x``, computed over ``x`` in place."""
-    top, index = x.max(dim, keepdim=True)
+    """``(softmax(x / tau) or its log, argmax x)`` of perturbed scores ``x``, computed over ``x`` in place.
+
+    The argmax is computed in ``HARD`` mode only (an empty int64 tensor otherwise: ``max`` with
+    indices costs a pass that ``amax`` does not).
+    """
+    if mode == HARD:
+        top, index = x.max(dim, keepdim=True)
+    else:
+        top, index = x.amax(dim, keepdim=True), x.new_empty(0, dtype=torch.int64)
     tau_x: float | Tensor = tau if tau_t is None else tau_t.to(x.dtype)
     if not bool(torch.isfinite(top / tau_x).all()):
         x = x.sub_(top)  # x / tau would overflow: shift by the perturbed maximum too
@@ -237,6 +248,8 @@ def softmax_of_perturbed_(x: Tensor, dtype: torch.dtype, tau_t: Tensor | None, t
 def _gumbel_softmax_fake(logits, seed, mask, tau_t, tau, dim, mode):
     shape = list(logits.shape)
     shape[dim] = 1
+    if mode != HARD:
+        shape = [0]
     return torch.empty_like(logits), logits.new_empty(shape, dtype=torch.int64)
 
 
