@@ -863,8 +863,8 @@ def test_fused_whole_row_draw_is_the_seeded_kernel():
     # with numba, a whole-row draw is sample_seeded: argmax (x - max x) / T + G(seed_r, token id)
     from gumbelkit._kernels import cpu_fused
 
-    x = torch.randn(5, 3000, generator=gen(70))
-    seeds = torch.arange(5) + 100
+    x = torch.randn(12, 3000, generator=gen(70))  # past FUSED_MIN_ELEMENTS
+    seeds = torch.arange(12) + 100
     want = torch.from_numpy(cpu_fused.sample_seeded(x.numpy(), seeds, 0.7))
     assert torch.equal(sample(x, temperature=0.7, seeds=seeds), want)
     # generator mode: reproducible, and every row is its own counter stream

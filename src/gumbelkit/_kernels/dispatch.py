@@ -18,6 +18,11 @@ import torch
 __all__ = ["cpu_kernels", "triton_kernels"]
 
 _BACKENDS = ("auto", "torch", "triton", "numba")
+# Below this many elements ``auto`` takes the torch path on the CPU: it is as fast there, and
+# numba's OpenMP pool, which waits by spinning, slows concurrent processes (two data-parallel
+# ranks training small models ran 4-5x slower). ``GUMBELKIT_BACKEND=numba`` uses the fused
+# kernels at every size.
+FUSED_MIN_ELEMENTS = 1 << 15
 
 
 def _backend() -> str:
@@ -52,6 +57,8 @@ def cpu_kernels(t: torch.Tensor) -> ModuleType | None:
     """The fused numba kernel module to use for ``t`` (a CPU float tensor), or None for the torch path."""
     backend = _backend()
     if backend in ("torch", "triton") or t.device.type != "cpu" or type(t) is not torch.Tensor:
+        return None
+    if backend == "auto" and t.numel() < FUSED_MIN_ELEMENTS:
         return None
     from . import cpu_fused
 
