@@ -30,11 +30,6 @@ __all__ = ["gumbel_noise", "gumbel_noise_like", "rng_context"]
 G_BOUND = 43.0
 
 
-def neg_gumbel_like(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``-gumbel_noise_like(t)`` in the compute dtype of ``t``, in a fresh buffer the caller owns."""
-    return gumbel_noise_op(t.detach(), draw_seed(generator, t.device)).neg_()
-
-
 def _check_param(value: object, name: str, positive: bool) -> None:
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
