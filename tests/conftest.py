@@ -7,11 +7,15 @@ often a correct sampler would fail under a fresh seed (a false-alarm budget of a
 
 import os
 
-# Triton's CPU interpreter must be chosen before anything imports triton (torch.compile does)
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton's CPU interpreter runs the kernels (tests/test_triton_kernels.py); it
+# must be chosen before anything imports triton (torch.compile does). With one, the kernels are
+# compiled for it (tests/test_cuda.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)

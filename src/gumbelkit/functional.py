@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ._kernels.gumbel_softmax import gumbel_softmax_function
-from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_op, gumbel_topk_op
+from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_forward, gumbel_topk_op
 from ._validation import check_generator, check_logits, check_mask, check_tau, normalize_dim
 
 __all__ = ["gumbel_max", "gumbel_softmax", "gumbel_topk", "log_gumbel_softmax"]
@@ -155,7 +155,7 @@ def gumbel_max(
         [0.1, 0.2, 0.7]
     """
     logits, dim, mask = _prepare(logits, dim, generator, mask)
-    indices = gumbel_max_op(logits.detach(), draw_seed(generator, logits.device), mask, dim)
+    indices = gumbel_max_forward(logits.detach(), draw_seed(generator, logits.device), mask, dim)
     return indices if keepdim else indices.squeeze(dim)
 
 

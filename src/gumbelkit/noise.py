@@ -21,7 +21,7 @@ from numbers import Real
 
 import torch
 
-from ._kernels.ops import draw_seed, gumbel_noise_op
+from ._kernels.ops import draw_seed, gumbel_noise_forward
 from ._validation import check_generator, compute_dtype
 
 __all__ = ["gumbel_noise", "gumbel_noise_like", "rng_context"]
@@ -117,7 +117,7 @@ def gumbel_noise(
     _check_param(scale, "scale", positive=True)
     _check_range(loc, scale, dtype)
     like = torch.empty((), dtype=compute_dtype(dtype), device=device).expand(shape)
-    g = gumbel_noise_op(like, draw_seed(generator, device))
+    g = gumbel_noise_forward(like, draw_seed(generator, device))
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         g = g * scale
     if isinstance(loc, torch.Tensor) or loc != 0.0:
@@ -146,7 +146,7 @@ def gumbel_noise_like(t: torch.Tensor, *, generator: torch.Generator | None = No
     if t.is_complex() or not t.is_floating_point():
         raise TypeError(f"t must be a floating-point tensor, got dtype {t.dtype}")
     check_generator(generator, t.device)
-    return gumbel_noise_op(t.detach(), draw_seed(generator, t.device)).to(t.dtype)
+    return gumbel_noise_forward(t.detach(), draw_seed(generator, t.device)).to(t.dtype)
 
 
 def rng_context(*generators: torch.Generator) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._validation import compute_dtype
-from .ops import HARD, LOG, gumbel_softmax_op, softmax_of_perturbed_
+from .ops import HARD, LOG, gumbel_softmax_forward, softmax_of_perturbed_
 
 __all__ = ["GumbelSoftmaxFunction", "gumbel_softmax_from_noise", "gumbel_softmax_function", "perturb"]
 
@@ -60,7 +60,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
     def forward(logits: Tensor, tau_t: Tensor | None, tau: float, seed: Tensor | None, mask: Tensor | None,
                 dim: int, mode: int, noise: Tensor | None):
         if noise is None:
-            y, index = gumbel_softmax_op(logits, seed, mask, tau_t, tau, dim, mode)
+            y, index = gumbel_softmax_forward(logits, seed, mask, tau_t, tau, dim, mode)
         else:
             y, index = softmax_of_perturbed_(perturb(logits, noise, mask), logits.dtype, tau_t, tau, dim, mode)
         if mode != HARD:

@@ -26,23 +26,30 @@ The operators are not differentiable themselves; ``opcheck`` runs on each of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .._counter_noise import counter_gumbel
 from .._validation import check_rows, check_tau_values, compute_dtype
 from .cpu_noise import fill_neg_gumbel_
 from .dispatch import cpu_kernels, triton_kernels
 
 __all__ = [
+    "checked_row_max",
     "checked_tau",
     "draw_seed",
+    "gumbel_max_forward",
     "gumbel_max_op",
+    "gumbel_noise_forward",
     "gumbel_noise_op",
+    "gumbel_softmax_forward",
     "gumbel_softmax_op",
     "gumbel_topk_op",
     "register_random_op",
+    "register_vmap_rule",
 ]
 
 _NEG_INF = float("-inf")
@@ -60,17 +67,24 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor
 
 
 def _neg_noise(seed: Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """*Minus* standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``, a fresh buffer."""
+    """*Minus* standard Gumbel noise of ``shape`` in ``dtype`` (float32/float64) on ``device``, a fresh buffer.
+
+    On the CPU: the fused kernel's counter noise or the torch path's (:mod:`.cpu_noise`). On
+    CUDA the counter noise of :mod:`gumbelkit._counter_noise`, computed there from the device
+    seed (no host synchronisation; float32 and half precision take the Triton operators
+    instead when Triton is installed, see :func:`gumbel_noise_forward`). Other devices get the
+    CPU transform, moved over.
+    """
     if device.type == "cpu":
         out = torch.empty(shape, dtype=dtype)
         fused = cpu_kernels(out) if out.numel() else None
         if fused is not None:
             return torch.from_numpy(fused.gumbel_noise(out.numpy(), int(seed))).neg_()
         return fill_neg_gumbel_(out, int(seed))
-    kernels = triton_kernels(seed)
-    if kernels is not None and dtype == torch.float32:
-        return kernels.triton_gumbel_noise(tuple(shape), seed.reshape(1)).neg_()
-    # other devices: the same transform, on the CPU, moved over
+    if device.type == "cuda":
+        positions = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
+        return counter_gumbel(seed.reshape(1), positions, dtype=dtype).neg_()
+    # other devices: the CPU transform, moved over
     return fill_neg_gumbel_(torch.empty(shape, dtype=dtype), int(seed)).to(device)
 
 
@@ -112,10 +126,19 @@ def _vmap_rule(op):
     return rule
 
 
-def register_random_op(op, fake) -> None:
-    """Give a random operator its fake implementation and the shared vmap rule (the template)."""
-    op.register_fake(fake)
+def register_vmap_rule(op) -> None:
+    """Give an operator the shared vmap rule (one call per sample)."""
     torch.library.register_vmap(op, _vmap_rule(op))
+
+
+def register_random_op(op, fake) -> None:
+    """Give a random operator its fake implementation and the shared vmap rule (the template).
+
+    (``torch.library.triton_op`` operators have their fake implementation already, the
+    function itself, and take only :func:`register_vmap_rule`.)
+    """
+    op.register_fake(fake)
+    register_vmap_rule(op)
 
 
 # -- the temperature's values ------------------------------------------------------------------
@@ -141,6 +164,29 @@ def checked_tau(tau: Tensor) -> Tensor:
     return tau + _check_tau_op(tau.detach())
 
 
+# -- the rows' values ---------------------------------------------------------------------------
+
+@torch.library.custom_op("gumbelkit::check_rows", mutates_args=())
+def _check_rows_op(row_max: Tensor, logits: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    """Zeros like ``row_max`` after :func:`gumbelkit._validation.check_rows` (NaN, +inf, empty rows).
+
+    A host check raising ``ValueError``; while a CUDA graph is captured, an on-device assert.
+    """
+    check_rows(row_max, logits, mask, dim)
+    return torch.zeros_like(row_max)
+
+
+_check_rows_op.register_fake(lambda row_max, logits, mask, dim: torch.empty_like(row_max))
+register_vmap_rule(_check_rows_op)
+
+
+def checked_row_max(logits: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    """The row maximum of the allowed logits along ``dim`` (kept with size 1), checked by an operator."""
+    allowed = logits if mask is None else logits.masked_fill(~mask, _NEG_INF)
+    m = allowed.amax(dim, keepdim=True)
+    return m + _check_rows_op(m, logits, mask, dim)
+
+
 # -- noise -----------------------------------------------------------------------------------
 
 @torch.library.custom_op("gumbelkit::gumbel_noise", mutates_args=())
@@ -156,6 +202,21 @@ def _gumbel_noise_fake(like: Tensor, seed: Tensor) -> Tensor:
 register_random_op(gumbel_noise_op, _gumbel_noise_fake)
 
 
+def _triton_serves(logits: Tensor):
+    """The Triton kernel module when it serves ``logits`` (CUDA, float32 or half precision)."""
+    if logits.dtype == torch.float64:
+        return None
+    return triton_kernels(logits)
+
+
+def gumbel_noise_forward(like: Tensor, seed: Tensor) -> Tensor:
+    """The noise operator for ``like``: Triton's on CUDA (float32 noise for float32/half), else the generic one."""
+    kernels = _triton_serves(like)
+    if kernels is not None:
+        return kernels.triton_gumbel_noise(like, seed)
+    return gumbel_noise_op(like, seed)
+
+
 # -- shared pieces of the sampler implementations ----------------------------------------------
 
 # Below this row-maximum magnitude, adding the noise to the logits directly is as exact as
@@ -169,16 +230,17 @@ def _perturbed(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> t
     Subtracting the row maximum of the allowed logits *before* adding the noise keeps the
     noise's resolution at any scale (``logits + g`` at logits of 1e7 would round ``g`` to
     integers in float32); argmax and softmax are shift invariant. Rows whose maximum is small
-    (``|m| <= 8``) skip the shift (``m`` is then returned as 0): it would change nothing but
-    cost a pass. The maximum also validates every row: a NaN, a +inf or a row with no allowed
-    category raises ``ValueError``.
+    (``|m| <= 8``) skip the shift on the CPU (``m`` is then returned as 0): it would change
+    nothing but cost a pass; other devices always shift, since asking would synchronise. The
+    maximum also validates every row: a NaN, a +inf or a row with no allowed category raises
+    ``ValueError``.
     """
     cdtype = compute_dtype(logits.dtype)
     allowed = logits if mask is None else logits.masked_fill(~mask, _NEG_INF)
     m = allowed.amax(dim, keepdim=True)
     check_rows(m, logits, mask, dim)
     x = _neg_noise(seed, logits.shape, cdtype, logits.device)
-    if bool((m.abs() > _SHIFT_ABOVE).any()):
+    if logits.device.type != "cpu" or bool((m.abs() > _SHIFT_ABOVE).any()):  # no host sync on devices
         m = m.to(cdtype)
         shifted = allowed.to(cdtype) - m
         # finite logits more than finfo.max below the maximum stay possible (at the lowest value),
@@ -197,10 +259,6 @@ def gumbel_softmax_op(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: 
     """``(y, index)``: ``y`` = softmax((logits + g) / tau) (``mode`` SOFT/HARD) or its log (LOG), and
     in HARD mode the argmax of ``logits + g`` along ``dim`` (kept with size 1), the exact
     Gumbel-Max draw (an empty int64 tensor in the other modes)."""
-    kernels = triton_kernels(logits)
-    if kernels is not None and mask is None and tau_t is None and mode != LOG:
-        y, index = kernels.triton_softmax_forward(logits, tau, seed.reshape(1), dim)
-        return y, index if mode == HARD else index.new_empty(0)
     small_tau = tau < _FUSED_MIN_TAU if tau_t is None else bool((tau_t < _FUSED_MIN_TAU).any())
     fused, rows = (None, None) if small_tau else _fused_rows(logits, mask, dim)
     if fused is not None:
@@ -229,8 +287,8 @@ def softmax_of_perturbed_(x: Tensor, dtype: torch.dtype, tau_t: Tensor | None, t
     else:
         top, index = x.amax(dim, keepdim=True), x.new_empty(0, dtype=torch.int64)
     tau_x: float | Tensor = tau if tau_t is None else tau_t.to(x.dtype)
-    if not bool(torch.isfinite(top / tau_x).all()):
-        x = x.sub_(top)  # x / tau would overflow: shift by the perturbed maximum too
+    if x.device.type != "cpu" or not bool(torch.isfinite(top / tau_x).all()):
+        x = x.sub_(top)  # x / tau would overflow (or a device, where asking would sync): shift by it too
     if tau_t is not None or tau != 1.0:
         x = x.div_(tau_x)
     if mode == LOG:
@@ -256,14 +314,22 @@ def _gumbel_softmax_fake(logits, seed, mask, tau_t, tau, dim, mode):
 register_random_op(gumbel_softmax_op, _gumbel_softmax_fake)
 
 
+def gumbel_softmax_forward(logits: Tensor, seed: Tensor, mask: Tensor | None, tau_t: Tensor | None, tau: float,
+                           dim: int, mode: int) -> tuple[Tensor, Tensor]:
+    """The forward operator for this call (arguments and result as :func:`gumbel_softmax_op`): the
+    fused Triton operator for CUDA float32/half logits without mask, tensor tau or log mode,
+    else the generic operator (numba or torch kernels inside)."""
+    kernels = _triton_serves(logits)
+    if kernels is not None and mask is None and tau_t is None and mode != LOG and tau >= _FUSED_MIN_TAU:
+        return kernels.triton_gumbel_softmax(logits, seed, tau, dim, mode == HARD)
+    return gumbel_softmax_op(logits, seed, mask, tau_t, tau, dim, mode)
+
+
 # -- gumbel_max --------------------------------------------------------------------------------
 
 @torch.library.custom_op("gumbelkit::gumbel_max", mutates_args=())
 def gumbel_max_op(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> Tensor:
     """``argmax(logits + g)`` along ``dim`` (kept with size 1), int64."""
-    kernels = triton_kernels(logits)
-    if kernels is not None and mask is None:
-        return kernels.triton_gumbel_max(logits, dim, seed.reshape(1)).unsqueeze(dim)
     fused, rows = _fused_rows(logits, mask, dim)
     if fused is not None:
         return torch.from_numpy(fused.gumbel_max(rows.numpy(), int(seed))).view(*logits.shape[:-1], 1)
@@ -278,6 +344,15 @@ def _gumbel_max_fake(logits, seed, mask, dim):
 
 
 register_random_op(gumbel_max_op, _gumbel_max_fake)
+
+
+def gumbel_max_forward(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: int) -> Tensor:
+    """The Gumbel-Max operator for this call (as :func:`gumbel_max_op`): Triton's for CUDA
+    float32/half logits without mask, else the generic operator."""
+    kernels = _triton_serves(logits)
+    if kernels is not None and mask is None:
+        return kernels.triton_gumbel_max(logits, seed, dim)
+    return gumbel_max_op(logits, seed, mask, dim)
 
 
 def _spans_overflow(rows: Tensor) -> Tensor:
