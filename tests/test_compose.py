@@ -119,6 +119,7 @@ OPCHECK = {
                                       lambda x: (x, _seed(), None, torch.full((4, 1), 0.3), 1.0, 1, ops.LOG)),
     "gumbel_max": (ops.gumbel_max_op, lambda x: (x, _seed(), None, 1)),
     "gumbel_topk": (ops.gumbel_topk_op, lambda x: (x, _seed(), None, 3, 0)),
+    "check_rows": (ops._check_rows_op, lambda x: (x.amax(1, keepdim=True), x, torch.arange(8) != 2, 1)),
 }
 
 
@@ -126,6 +127,13 @@ OPCHECK = {
 def test_opcheck(name):
     op, args = OPCHECK[name]
     torch.library.opcheck(op, args(torch.randn(4, 8)))
+
+
+def test_row_check_operator_raises_under_compile():
+    f = torch.compile(lambda x: ops.checked_row_max(x, None, 1), fullgraph=True)
+    assert torch.equal(f(torch.ones(2, 3)), torch.ones(2, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        f(torch.tensor([[0.0, float("nan"), 1.0], [1.0, 2.0, 3.0]]))
 
 
 def test_operators_are_pure_functions_of_the_seed():
