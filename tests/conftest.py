@@ -33,3 +33,10 @@ def backend(request, monkeypatch):
     """
     monkeypatch.setenv("GUMBELKIT_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same state of torch's default generator (module weights,
+    draws without generator=), so an outcome never depends on which tests ran before it."""
+    torch.manual_seed(0)

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ._kernels.gumbel_softmax import gumbel_softmax_function
+from ._kernels.gumbel_softmax import apply_gumbel_softmax
 from ._kernels.ops import HARD, LOG, SOFT, draw_seed, gumbel_max_forward, gumbel_topk_op
 from ._validation import check_generator, check_logits, check_mask, check_tau, normalize_dim
 
@@ -89,7 +89,7 @@ def gumbel_softmax(
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     seed = draw_seed(generator, logits.device)
-    out = gumbel_softmax_function().apply(logits, tau_t, tau_f, seed, mask, dim, HARD if hard else SOFT, None)
+    out = apply_gumbel_softmax(logits, tau_t, tau_f, seed, mask, dim, HARD if hard else SOFT, None)
     return out[0] if hard else out
 
 
@@ -126,7 +126,7 @@ def log_gumbel_softmax(
     logits, dim, mask = _prepare(logits, dim, generator, mask)
     tau_t, tau_f = _split_tau(check_tau(tau, logits, dim))
     seed = draw_seed(generator, logits.device)
-    return gumbel_softmax_function().apply(logits, tau_t, tau_f, seed, mask, dim, LOG, None)
+    return apply_gumbel_softmax(logits, tau_t, tau_f, seed, mask, dim, LOG, None)
 
 
 def gumbel_max(
