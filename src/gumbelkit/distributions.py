@@ -432,6 +432,7 @@ register_check("unit_interval", lambda v, cls, n, dtype: constraints.unit_interv
 register_check("ordered_subset", lambda v, cls, n, dtype: _OrderedSubset(n).check(v),
                lambda v, cls, n, dtype: _support_message(v, cls, _OrderedSubset(n), _index_detail(
                    ~_OrderedSubset(n).check(v))))
+del _kind, _constraint, _support
 
 
 # --- shared helpers ----------------------------------------------------------------------------
