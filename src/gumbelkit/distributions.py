@@ -460,20 +460,20 @@ def _as_param(value: object, name: str, like: torch.Tensor | None = None) -> tor
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
-def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Size) -> tuple[
+def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Size, validate: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Size]:
-    """``(given, tau, batch_shape)``: the temperature as given (a tensor as it is, a float in
-    float64, float32 on MPS), the temperature in the logits' dtype (a float rounded once,
-    straight into it), neither expanded, and ``batch_dims``, the logits' batch shape,
-    broadcast against it. The check of the values (:func:`_temperature_valid`) reads the
-    temperature as given, so it can tell a bad value from one that only overflows or
-    underflows in the logits' dtype.
+    """``(given, tau, batch_shape)``: the temperature as given (a tensor as it is; a float in
+    float64, float32 on MPS, when ``validate``, else ``tau``), the temperature in the logits'
+    dtype (a float rounded once, straight into it), neither expanded, and ``batch_dims``, the
+    logits' batch shape, broadcast against it. The check of the values
+    (:func:`_temperature_valid`) reads the temperature as given, so it can tell a bad value
+    from one that only overflows or underflows in the logits' dtype.
 
     A one-element temperature counts as a scalar, so torch's idiom
     ``RelaxedOneHotCategorical(torch.tensor([2.2]), probs)`` keeps its batch shape.
     """
     t = _as_param(temperature, "temperature", logits)
-    if isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor) or not validate:
         given = t
     else:
         wide = torch.float32 if logits.device.type == "mps" else torch.float64
@@ -584,7 +584,8 @@ class _Tempered(_Validated):
         else:
             logits = _log_normalized(check_logits(logits))
             event_shape = logits.shape[-1:]
-        given, tau, batch_shape = _temperature(temperature, logits, logits.shape[:logits.dim() - len(event_shape)])
+        given, tau, batch_shape = _temperature(temperature, logits, logits.shape[:logits.dim() - len(event_shape)],
+                                               validate)
         if validate:
             # temperature first, then logits (chained: the same error first under compile too);
             # both parameters carry both checks' zeros, so using either runs both
