@@ -118,6 +118,27 @@ def _dist(name: str, draw: str = "rsample") -> Callable:
     return lambda x, g: getattr(make(x), draw)()
 
 
+def _validated(name: str) -> Callable:
+    """A row with default validation (``validate_args=None``: on): every check runs in the operator."""
+    D = gk.distributions
+
+    def fn(x, g):
+        if name == "ExpConcrete":
+            d = D.ExpConcrete(0.7, logits=x)
+            return d.log_prob(d.rsample())
+        if name == "BinaryConcrete":  # probs, the support of log_prob and cdf, icdf's probabilities
+            d = D.BinaryConcrete(0.7, probs=torch.sigmoid(x))
+            y = d.rsample()
+            return d.log_prob(y) + d.icdf(d.cdf(y))
+        if name == "HardConcrete":
+            d = D.HardConcrete(0.7, x)
+            return d.log_prob(d.rsample())
+        d = D.PlackettLuce(x, k=3)  # logits, k possible categories, distinct indices in range
+        return d.log_prob(d.sample())
+
+    return fn
+
+
 def _baseline_relaxed(x, g):
     d = torch.distributions.RelaxedOneHotCategorical(torch.tensor(0.7), logits=x, validate_args=False)
     return d.rsample()
@@ -151,6 +172,8 @@ ROWS: dict[str, Row] = {
     "distributions.Concrete.rsample": Row(_concrete, generator=False),
     "distributions.Concrete default validation": Row(
         lambda x, g: (lambda d: d.log_prob(d.rsample()))(gk.distributions.Concrete(0.7, logits=x)), generator=False),
+    **{f"distributions.{n} default validation": Row(_validated(n), generator=False)
+       for n in ("ExpConcrete", "BinaryConcrete", "HardConcrete", "PlackettLuce")},
     "distributions.Concrete.log_prob": Row(_dist("Concrete", "log_prob"), generator=False, random=False),
     "distributions.ExpConcrete.rsample": Row(_dist("ExpConcrete"), generator=False),
     "distributions.BinaryConcrete.rsample": Row(_dist("BinaryConcrete"), generator=False),
@@ -466,12 +489,7 @@ COLUMNS: dict[str, Callable[[Row], None]] = {
 
 # Cells that fail, with what they would need. The test marks them xfail(strict=True): a cell
 # that starts passing must be moved out of this table.
-_VALIDATION = ("validation reads the data in Python (distributions._require) and stays on under compile, "
-               "as validate_args says; it would need a side-effecting operator (torch's own distributions "
-               "pass only because compile switches their validation off)")
 UNSUPPORTED: dict[tuple[str, str], str] = {
-    **{("distributions.Concrete default validation", c): _VALIDATION
-       for c in ("fullgraph", "export", "vmap different", "vmap same", "meta", "FakeTensor")},
     ("torch multinomial(softmax)", "vmap same"): "torch's multinomial has no batching rule for randomness='same' "
                                                  "with a batched input (gumbelkit's sample passes this cell)",
 }

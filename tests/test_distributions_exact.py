@@ -518,3 +518,162 @@ def test_log_prob_with_validation_compiles_and_still_raises():
     torch.testing.assert_close(default(l, y), fn(l, y))
     with pytest.raises(ValueError, match="outside the support"):
         default(l, y * 2)
+
+
+# ------------------------------------------------------------------ validation inside an operator
+#
+# With validation on (the default) every data-reading check runs in the operator gumbelkit::check:
+# the same ValueError, message for message, eagerly, from a fullgraph-compiled function, from an
+# exported program (bad data arriving at run time) and under vmap; results and gradients unchanged.
+
+
+def _validation_cases():
+    g = gen(60)
+    l, t = torch.randn(4, 5, generator=g), torch.tensor([0.5, 1.0, 2.0, 0.7])
+    y = torch.softmax(torch.randn(4, 5, generator=g), -1)
+    p, s, q = (torch.rand(4, 5, generator=g) for _ in range(3))
+    v = torch.tensor([[0, 1], [4, 2], [3, 0], [2, 1]])
+
+    def with_(args, i, index, value):
+        args = [a.clone() for a in args]
+        args[i][index] = value
+        return tuple(args)
+
+    def binary(p, t, s, q):
+        d = BinaryConcrete(t.unsqueeze(-1), probs=p)
+        return d.log_prob(s) + d.cdf(s) + d.icdf(q)
+
+    concrete = (l, t, y)
+    return {
+        "Concrete": (lambda l, t, y: Concrete(t, logits=l).log_prob(y), concrete, [
+            (with_(concrete, 1, 2, -1.0), "temperature of shape"),
+            (with_(concrete, 0, (1, 3), float("nan")), "logits of shape"),
+            (with_(concrete, 2, (0, 0), 0.9), "outside the support"),
+        ]),
+        "ExpConcrete": (lambda l, t, x: ExpConcrete(t, logits=l).log_prob(x), (l, t, y.log()), [
+            (with_((l, t, y.log()), 2, (3, 1), 0.5), "outside the support"),
+            (with_((l, t, y.log()), 1, 0, float("inf")), "temperature of shape"),
+        ]),
+        "BinaryConcrete": (binary, (p, t, s, q), [
+            (with_((p, t, s, q), 0, (2, 2), 1.5), "probs must be finite"),
+            (with_((p, t, s, q), 2, (0, 4), -0.1), "outside the support"),
+            (with_((p, t, s, q), 3, (1, 1), 2.0), "icdf takes probabilities"),
+        ]),
+        "HardConcrete": (lambda l, t, z: HardConcrete(t.unsqueeze(-1), l).log_prob(z), (l, t, s), [
+            (with_((l, t, s), 0, (0, 0), float("inf")), "logits of shape"),
+            (with_((l, t, s), 2, (3, 3), -0.5), "outside the support"),
+        ]),
+        "PlackettLuce": (lambda l, v: PlackettLuce(l, k=2).log_prob(v), (l, v), [
+            (with_((l, v), 0, (2, slice(1, None)), NEG_INF), "k=2 is larger"),
+            (with_((l, v), 1, (1, 1), 4), "outside the support"),
+            (with_((l, v), 1, (0, 1), 7), "outside the support"),
+        ]),
+    }
+
+
+def _message(fn, args) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("name", ["Concrete", "ExpConcrete", "BinaryConcrete", "HardConcrete", "PlackettLuce"])
+def test_default_validation_raises_the_same_error_compiled_fullgraph_and_exported(name):
+    fn, good, bad = _validation_cases()[name]
+    want = fn(*good)
+    eager = [_message(fn, args) for args, _ in bad]
+    for message, (_, match) in zip(eager, bad, strict=True):
+        assert match in message, message
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=BACKEND)
+    torch.testing.assert_close(compiled(*good), want)
+    assert [_message(compiled, args) for args, _ in bad] == eager
+    exported = torch.export.export(_Fn(fn), good).module()
+    torch.testing.assert_close(exported(*good), want)
+    assert [_message(exported, args) for args, _ in bad] == eager
+
+
+@pytest.mark.parametrize("name", ["Concrete", "PlackettLuce"])
+def test_default_validation_raises_under_inductor_before_the_indices_are_used(name):
+    # inductor keeps the check (its zero is used) and runs it before PlackettLuce's gather reads
+    # an index out of range: the ValueError, not an indexing assert
+    fn, good, bad = _validation_cases()[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(*good), fn(*good))
+    assert [_message(compiled, args) for args, _ in bad] == [_message(fn, args) for args, _ in bad]
+
+
+def test_default_validation_under_vmap_checks_every_element_with_the_eager_message():
+    logits = torch.randn(5, generator=gen(61))
+    y = torch.softmax(torch.randn(3, 4, 5, generator=gen(62)), -1)
+    fn = lambda y: Concrete(0.5, logits=logits).log_prob(y)  # noqa: E731
+    for randomness in ("different", "same", "error"):
+        torch.testing.assert_close(torch.func.vmap(fn, randomness=randomness)(y), fn(y))
+    bad = y.clone()
+    bad[1, 2, 0] = 0.9
+    assert _message(torch.func.vmap(fn), (bad,)) == _message(fn, (bad[1],))  # the first bad element's
+    assert _message(torch.func.vmap(torch.func.vmap(fn)), (bad,)) == _message(fn, (bad[1, 2],))
+    # parameters checked per element too: a temperature constructed inside vmap
+    temps = torch.tensor([0.5, -2.0, 1.0])
+    make = lambda t: ExpConcrete(t, logits=logits).rsample()  # noqa: E731
+    assert _message(torch.func.vmap(make, randomness="different"), (temps,)) == _message(make, (temps[1],))
+    assert torch.func.vmap(make, randomness="same")(temps.abs()).shape == (3, 5)
+
+
+@pytest.mark.parametrize("name", ["Concrete", "ExpConcrete", "BinaryConcrete", "HardConcrete", "PlackettLuce"])
+def test_validation_changes_neither_results_nor_gradients(name):
+    fn, good, _ = _validation_cases()[name]
+    floats = [i for i, a in enumerate(good) if a.is_floating_point()]
+
+    def run(validate):
+        gkd.set_default_validate_args(validate)
+        try:
+            args = [a.clone().requires_grad_() if i in floats else a for i, a in enumerate(good)]
+            out = fn(*args)
+            grads = torch.autograd.grad(out.sum(), [args[i] for i in floats], allow_unused=True)
+            # forward mode through torch.func, along the first argument
+            tangent = torch.func.jvp(lambda x: fn(x, *good[1:]), (good[0],), (torch.ones_like(good[0]),))[1]
+            return out, (*grads, tangent)
+        finally:
+            gkd.set_default_validate_args(None)
+
+    (a, ga), (b, gb) = run(True), run(False)
+    assert torch.equal(a, b)
+    for x, z in zip(ga, gb, strict=True):
+        assert (x is None and z is None) or torch.equal(x, z)
+
+
+def test_check_operator_passes_opcheck():
+    from gumbelkit._kernels.checks import check
+
+    y = torch.softmax(torch.randn(3, 4, generator=gen(63)), -1)
+    for args in [(torch.rand(3) + 0.1, "temperature", "temperature", 0, torch.float16, 0),
+                 (y, "simplex", "Concrete", 4, torch.float32, 0),
+                 (torch.tensor([[0, 2], [3, 1]]), "ordered_subset", "PlackettLuce", 4, None, 0)]:
+        torch.library.opcheck(check, args)
+        assert check(*args).shape == () and check(*args).item() == 0
+
+
+def test_temperature_out_of_the_logits_dtype_names_the_argument_and_the_fix():
+    half = torch.zeros(3, dtype=torch.float16)
+    for temperature in (1e5, torch.tensor(1e5), torch.tensor([1.0, 1e5])):
+        with pytest.raises(ValueError, match=r"\[100000\.0\] overflows torch\.float16.*logits\.to\(torch\.float32\)"):
+            Concrete(temperature, logits=half.expand(2, 3) if isinstance(temperature, torch.Tensor) else half)
+    with pytest.raises(ValueError, match=r"temperature \[1e-09\] underflows to 0 in torch\.float16"):
+        BinaryConcrete(1e-9, logits=half)
+    with pytest.raises(ValueError, match=r"temperature of shape \(\) must satisfy PositiveFinite.*\[-1\.0\]"):
+        Concrete(-1.0, logits=half)  # a bad value in any dtype: the constraint's message
+    with pytest.raises(ValueError, match=r"temperature \[1e-50\] underflows to 0 in torch\.float32.*torch\.float64"):
+        ExpConcrete(torch.tensor(1e-50, dtype=F64), logits=half.float())
+    assert Concrete(1e5, logits=half.float()).temperature.item() == 1e5
+    assert Concrete(2.0, logits=half).temperature.dtype == torch.float16

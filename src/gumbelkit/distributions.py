@@ -32,9 +32,15 @@ Conventions shared by every class:
   with ``-O``). torch re-reads that class attribute at every call, and ``torch.compile`` sets
   it to ``False`` for the rest of the process when it first runs; here the decision is taken
   once, at construction, and a ``False`` written by ``torch.compile`` is not mistaken for the
-  user's (see :func:`set_default_validate_args`). Checks that read tensor data all go through
-  one helper; with ``validate_args=False``, ``log_prob`` traces under
-  ``torch.compile(fullgraph=True)``.
+  user's (see :func:`set_default_validate_args`).
+- **Checks inside an operator.** Every check that reads tensor data (parameter values, the
+  support of ``log_prob``/``cdf`` values, ``icdf`` probabilities) runs inside one registered
+  operator, ``torch.ops.gumbelkit.check`` (:mod:`gumbelkit._kernels.checks`), whose result
+  (a 0-d zero) is added to the checked parameter or to the result. So with validation on,
+  the default, the distributions work under ``torch.compile`` (``fullgraph=True`` too),
+  ``torch.export``, ``torch.func`` (``vmap`` checks every batch element) and with meta and
+  fake tensors, and a bad value raises the same ``ValueError`` eagerly, from a compiled
+  graph and from an exported program.
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from collections.abc import Callable
 from numbers import Real
 from typing import ClassVar
 
@@ -50,6 +55,8 @@ import torch
 from torch.distributions import Distribution, constraints, register_kl
 from torch.types import _size
 
+from ._kernels.checks import check as _check_op
+from ._kernels.checks import register_check
 from ._validation import check_logits, compute_dtype
 from .functional import gumbel_topk, log_gumbel_softmax
 from .noise import gumbel_noise
@@ -76,16 +83,17 @@ MAX_UNORDERED_K = 8  # log_prob_unordered sums over k! orders: 8! = 40320 terms 
 # --- validation: the one place that reads tensor data ------------------------------------------
 
 
-def _require(valid: torch.Tensor, message: Callable[[], str], error: type[Exception] = ValueError) -> None:
-    """Raise ``error(message())`` unless every entry of the bool tensor ``valid`` is true.
+def _require(x: torch.Tensor, kind: str, context: str = "", n: int = 0,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A 0-d zero of ``x``'s dtype, once the operator ``gumbelkit::check`` has checked ``x``.
 
-    The only function in this module that reads tensor data in Python (``bool``), so that
-    ``rsample``/``sample``/``log_prob`` trace without graph breaks when validation is off, and
-    so that the checks can move into a custom operator in one place. The message is built
-    only on failure.
+    The only way this module reads tensor data for a check: the check ``kind`` (registered
+    below with :func:`~gumbelkit._kernels.checks.register_check`) runs inside the operator,
+    which raises ``ValueError`` with the check's message (built only on failure). Add the
+    result to the checked parameter or to the returned value, so the check is never dropped
+    as dead code; the operator sees ``x.detach()``, so gradients are unaffected.
     """
-    if not bool(valid.all()):
-        raise error(message())
+    return _check_op(x.detach(), kind, context, n, dtype, 0)
 
 
 def _dynamo_flipped_default() -> bool:
@@ -310,6 +318,123 @@ _simplex = _Simplex()
 _log_simplex = _LogSimplex()
 
 
+# --- the data-reading checks, run by the operator gumbelkit::check (see _require) ----------------
+#
+# Each is registered as (valid, message): ``valid(x, context, n, dtype)`` is elementwise or
+# reduces over the event dimension only (so vmap's leading dimensions survive), and
+# ``message(...)`` builds the ValueError's text for an ``x`` that failed, only on failure.
+
+
+def _invalid_values(value: torch.Tensor, constraint: constraints.Constraint) -> list[float]:
+    bad = ~constraint.check(value)
+    if constraint.event_dim:
+        return value[bad].flatten()[:6].tolist()
+    return value.expand(bad.shape)[bad].flatten()[:4].tolist()
+
+
+def _param_message(value: torch.Tensor, name: str, constraint: constraints.Constraint) -> str:
+    return (f"{name} of shape {tuple(value.shape)} must satisfy {constraint!r}; invalid values: "
+            f"{_invalid_values(value, constraint)}")
+
+
+for _kind, _constraint in (("positive_finite", _positive_finite), ("finite", _finite),
+                           ("logits_vector", _logits_vector)):
+    register_check(_kind, lambda x, name, n, dtype, c=_constraint: c.check(x),
+                   lambda x, name, n, dtype, c=_constraint: _param_message(x, name, c))
+
+
+def _temperature_valid(t: torch.Tensor, name: str, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """Positive and finite, before and after the cast to ``dtype`` (the logits' dtype)."""
+    cast = t if dtype is None else t.to(dtype)
+    return _positive_finite.check(t) & _positive_finite.check(cast)
+
+
+def _temperature_message(t: torch.Tensor, name: str, n: int, dtype: torch.dtype | None) -> str:
+    if not bool(_positive_finite.check(t).all()) or dtype is None:
+        return _param_message(t, name, _positive_finite)
+    # finite and > 0 as given, but not in the logits' dtype: say so, and how to fix it
+    cast = t.to(dtype)
+    fi = torch.finfo(dtype)
+    over = torch.isinf(cast)
+    bad = t.expand(over.shape)[over | (cast == 0)].unique()[:4].tolist()  # distinct values
+    wider = str(torch.float32 if fi.bits == 16 else torch.float64).removeprefix("torch.")
+    fix = f"pass logits in {wider} (logits.to(torch.{wider})) or a {'smaller' if bool(over.any()) else 'larger'} {name}"
+    if bool(over.any()):
+        return f"{name} {bad} overflows {dtype}, the dtype of the logits (largest finite value {fi.max:.6g}); {fix}"
+    return (f"{name} {bad} underflows to 0 in {dtype}, the dtype of the logits (smallest positive value "
+            f"{fi.tiny * fi.eps:.3g}); {fix}")
+
+
+register_check("temperature", _temperature_valid, _temperature_message)
+
+
+def _probs_valid(p: torch.Tensor, name: str, binary: int, dtype: torch.dtype | None) -> torch.Tensor:
+    return torch.isfinite(p) & (p >= 0) & ((p <= 1) if binary else True)
+
+
+register_check("probs", _probs_valid, lambda p, name, binary, dtype: (
+    f"probs must be finite and in [0, {1 if binary else 'inf'}), got "
+    f"{p[~_probs_valid(p, name, binary, dtype)].flatten()[:4].tolist()}"))
+
+
+def _possible(logits: torch.Tensor) -> torch.Tensor:
+    return (logits > _NEG_INF).sum(-1)
+
+
+def _enough_categories_message(logits: torch.Tensor, name: str, k: int, dtype: torch.dtype | None) -> str:
+    possible = _possible(logits)
+    return (f"k={k} is larger than the number of possible (> -inf) categories in "
+            f"{int((possible < k).sum())} row(s) of logits, e.g. {int(possible.min())} at batch index "
+            f"{(possible < k).nonzero()[0].tolist()}; lower k or give those categories finite logits")
+
+
+register_check("enough_categories", lambda logits, name, k, dtype: _possible(logits) >= k,
+               _enough_categories_message)
+
+
+def _q_valid(q: torch.Tensor, name: str, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+    return (q >= 0) & (q <= 1)
+
+
+register_check("quantile", _q_valid, lambda q, name, n, dtype: (
+    f"icdf takes probabilities in [0, 1], got values {q[~_q_valid(q, name, n, dtype)].flatten()[:4].tolist()}"))
+
+
+def _support_message(value: torch.Tensor, cls: str, support: constraints.Constraint, detail: str) -> str:
+    return f"value of shape {tuple(value.shape)} is outside the support {support!r} of {cls}: {detail}"
+
+
+def _index_detail(bad: torch.Tensor) -> str:
+    return f"{int(bad.sum())} invalid of {bad.numel()}, e.g. at index {bad.nonzero()[0].tolist()}"
+
+
+def _simplex_detail(value: torch.Tensor, support: constraints.Constraint, dtype: torch.dtype) -> str:
+    bad = ~support.check(value, dtype)
+    row = bad.nonzero()[0].tolist()
+    coarsest = _coarsest_dtype(value.dtype, dtype)
+    v = value[tuple(row)].to(compute_dtype(coarsest))
+    if support is _log_simplex:
+        x, total = v, f"logsumexp {v.logsumexp(-1).item():.6g}, max {v.max().item():.3g}"
+    else:
+        x, total = _log_value(v), f"sum {v.sum(-1).item():.6g}, min {v.min().item():.3g}"
+    tol = _simplex_tolerance(x.exp(), x, (dtype,)).item()
+    return (f"{int(bad.sum())} of {bad.numel()} rows, e.g. at batch index {row}: {total} "
+            f"(tolerance {tol:.3g} for K={v.shape[-1]} in {coarsest})")
+
+
+for _kind, _support in (("simplex", _simplex), ("log_simplex", _log_simplex)):
+    register_check(_kind, lambda v, cls, n, dtype, c=_support: c.check(v, dtype),
+                   lambda v, cls, n, dtype, c=_support: _support_message(v, cls, c, _simplex_detail(v, c, dtype)))
+
+register_check("unit_interval", lambda v, cls, n, dtype: constraints.unit_interval.check(v),
+               lambda v, cls, n, dtype: _support_message(v, cls, constraints.unit_interval, _index_detail(
+                   ~constraints.unit_interval.check(v))))
+register_check("ordered_subset", lambda v, cls, n, dtype: _OrderedSubset(n).check(v),
+               lambda v, cls, n, dtype: _support_message(v, cls, _OrderedSubset(n), _index_detail(
+                   ~_OrderedSubset(n).check(v))))
+del _kind, _constraint, _support
+
+
 # --- shared helpers ----------------------------------------------------------------------------
 
 
@@ -318,7 +443,8 @@ def _as_size(sample_shape: _size | int) -> torch.Size:
 
 
 def _as_param(value: object, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A float or floating tensor as a tensor (with ``like``'s dtype and device if given)."""
+    """A float or floating tensor as a tensor: a tensor as it is (on ``like``'s device if
+    given), a float in ``like``'s dtype and device, or the default dtype without ``like``."""
     if isinstance(value, torch.Tensor):
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}; "
@@ -326,7 +452,7 @@ def _as_param(value: object, name: str, like: torch.Tensor | None = None) -> tor
         if like is not None and value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but logits are on {like.device}; "
                              "move it with .to()")
-        return value if like is None else value.to(like.dtype)
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if like is None:
@@ -334,15 +460,26 @@ def _as_param(value: object, name: str, like: torch.Tensor | None = None) -> tor
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
-def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Size) -> tuple[
-        torch.Tensor, torch.Size]:
-    """The temperature broadcast against the batch shape ``batch_dims`` of the logits.
+def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Size, validate: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Size]:
+    """``(given, tau, batch_shape)``: the temperature as given (a tensor as it is; a float in
+    float64, float32 on MPS, when ``validate``, else ``tau``), the temperature in the logits'
+    dtype (a float rounded once, straight into it), neither expanded, and ``batch_dims``, the
+    logits' batch shape, broadcast against it. The check of the values
+    (:func:`_temperature_valid`) reads the temperature as given, so it can tell a bad value
+    from one that only overflows or underflows in the logits' dtype.
 
     A one-element temperature counts as a scalar, so torch's idiom
     ``RelaxedOneHotCategorical(torch.tensor([2.2]), probs)`` keeps its batch shape.
     """
     t = _as_param(temperature, "temperature", logits)
+    if isinstance(temperature, torch.Tensor) or not validate:
+        given = t
+    else:
+        wide = torch.float32 if logits.device.type == "mps" else torch.float64
+        given = torch.tensor(float(temperature), dtype=wide, device=logits.device)
     if t.numel() == 1:
+        given = given.reshape(())
         t = t.reshape(())
     elif t.dim() == logits.dim() > len(batch_dims) and tuple(t.shape) == (*batch_dims, 1):
         # torch's per-row idiom (B, 1) for (B, K) logits would silently make a (B, B) batch here
@@ -354,7 +491,7 @@ def _temperature(temperature: object, logits: torch.Tensor, batch_dims: torch.Si
         raise ValueError(f"temperature of shape {tuple(t.shape)} does not broadcast against the batch "
                          f"shape {tuple(batch_dims)} of the logits; temperatures are batch parameters "
                          "(one per distribution, no category dimension)") from None
-    return t.expand(batch_shape), batch_shape
+    return given, t.to(logits.dtype), batch_shape
 
 
 def _logits_from(probs: object, logits: object, binary: bool, validate: bool) -> torch.Tensor:
@@ -364,9 +501,7 @@ def _logits_from(probs: object, logits: object, binary: bool, validate: bool) ->
         return logits if isinstance(logits, torch.Tensor) else _as_param(logits, "logits")
     p = _as_param(probs, "probs")
     if validate:
-        good = torch.isfinite(p) & (p >= 0) & ((p <= 1) if binary else True)
-        _require(good, lambda: f"probs must be finite and in [0, {1 if binary else 'inf'}), got "
-                               f"{p[~good].flatten()[:4].tolist()}")
+        p = p + _require(p, "probs", "probs", int(binary))
     return torch.logit(p) if binary else p.log()
 
 
@@ -393,7 +528,7 @@ def _log_normalized(logits: torch.Tensor) -> torch.Tensor:
 
 class _Validated(Distribution):
     """torch's ``validate_args`` contract, decided at construction and checked through
-    :func:`_require` (the module's one data-reading helper).
+    :func:`_require` (the operator ``gumbelkit::check``).
 
     ``torch.distributions.Distribution.__init__`` stores an explicit ``validate_args`` on the
     instance and otherwise leaves ``self._validate_args`` to the class attribute that
@@ -402,17 +537,17 @@ class _Validated(Distribution):
     ``__init__`` (see :func:`set_default_validate_args`), and stored on the instance.
     """
 
+    _support_kind: ClassVar[str]  # the check of gumbelkit._kernels.checks for log_prob's value
+
     def _init_validated(self, batch_shape: torch.Size, event_shape: torch.Size, validate: bool) -> None:
         super().__init__(batch_shape, event_shape, validate_args=False)
         self._validate_args = validate
-        if validate:
-            for name, constraint in self.arg_constraints.items():
-                value = getattr(self, name)
-                _require(constraint.check(value), lambda name=name, value=value, c=constraint: (
-                    f"{name} of shape {tuple(value.shape)} must satisfy {c!r}; invalid values: "
-                    f"{_invalid_values(value, c)}"))
 
-    def _validate_sample(self, value: torch.Tensor) -> None:
+    def _check_sample(self, value: torch.Tensor) -> torch.Tensor | None:
+        """``None`` without validation, else a 0-d zero once ``value`` passed the support check
+        (the shape checks here read no data; the support check runs in the operator)."""
+        if not self._validate_args:
+            return None
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"value must be a torch.Tensor, got {type(value).__name__}")
         start = value.dim() - len(self.event_shape)
@@ -424,24 +559,13 @@ class _Validated(Distribution):
         except RuntimeError:
             raise ValueError(f"value of shape {tuple(value.shape)} does not broadcast with batch_shape + "
                              f"event_shape {tuple(self.batch_shape + self.event_shape)}") from None
-        with torch.no_grad():
-            valid = self._support_check(value)
-        _require(valid, lambda: (f"value of shape {tuple(value.shape)} is outside the support "
-                                 f"{self.support!r} of {type(self).__name__}: {self._support_detail(value)}"))
-
-    def _support_check(self, value: torch.Tensor) -> torch.Tensor:
-        return self.support.check(value)
-
-    def _support_detail(self, value: torch.Tensor) -> str:
-        bad = ~self._support_check(value)
-        return f"{int(bad.sum())} invalid of {bad.numel()}, e.g. at index {bad.nonzero()[0].tolist()}"
+        n = self.logits.shape[-1] if self.logits.dim() else 0  # the categories (PlackettLuce's indices)
+        return _require(value, self._support_kind, type(self).__name__, n, self.logits.dtype)
 
 
-def _invalid_values(value: torch.Tensor, constraint: constraints.Constraint) -> list[float]:
-    bad = ~constraint.check(value)
-    if constraint.event_dim:
-        return value[bad].flatten()[:6].tolist()
-    return value.expand(bad.shape)[bad].flatten()[:4].tolist()
+def _plus(result: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """``result`` with a check's zero added (so the check runs), or as it is without one."""
+    return result if zero is None else result + zero.to(result.dtype)
 
 
 class _Tempered(_Validated):
@@ -449,6 +573,7 @@ class _Tempered(_Validated):
 
     has_rsample = True
     _binary: ClassVar[bool]  # scalar events (Binary/Hard Concrete) or vectors (Concrete)
+    _logits_kind: ClassVar[str]  # the check of the logits' values
 
     def __init__(self, temperature: float | torch.Tensor, probs: torch.Tensor | None = None,
                  logits: torch.Tensor | None = None, validate_args: bool | None = None) -> None:
@@ -459,8 +584,15 @@ class _Tempered(_Validated):
         else:
             logits = _log_normalized(check_logits(logits))
             event_shape = logits.shape[-1:]
-        self.temperature, batch_shape = _temperature(
-            temperature, logits, logits.shape[:logits.dim() - len(event_shape)])
+        given, tau, batch_shape = _temperature(temperature, logits, logits.shape[:logits.dim() - len(event_shape)],
+                                               validate)
+        if validate:
+            # temperature first, then logits (chained: the same error first under compile too);
+            # both parameters carry both checks' zeros, so using either runs both
+            tz = _require(given.expand(batch_shape), "temperature", "temperature", 0, logits.dtype).to(logits.dtype)
+            zero = tz + _require((logits + tz).expand(batch_shape + event_shape), self._logits_kind, "logits")
+            tau, logits = tau + zero, logits + zero
+        self.temperature = tau.expand(batch_shape)
         self.logits = logits.expand(batch_shape + event_shape)
         self._init_validated(batch_shape, event_shape, validate)
 
@@ -493,28 +625,17 @@ class _ConcreteBase(_Tempered):
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
         "temperature": _positive_finite, "logits": _logits_vector}
     _binary = False
+    _logits_kind = "logits_vector"
 
     @property
     def probs(self) -> torch.Tensor:
         """The category probabilities ``softmax(logits)`` of the unrelaxed categorical."""
         return self.logits.softmax(-1)
 
-    def _support_check(self, value: torch.Tensor) -> torch.Tensor:
-        if not value.is_floating_point():
+    def _check_sample(self, value: torch.Tensor) -> torch.Tensor | None:
+        if self._validate_args and isinstance(value, torch.Tensor) and not value.is_floating_point():
             raise TypeError(f"value must be a floating-point tensor, got dtype {value.dtype}")
-        return self.support.check(value, self.logits.dtype)
-
-    def _support_detail(self, value: torch.Tensor) -> str:
-        bad = ~self._support_check(value)
-        row = bad.nonzero()[0].tolist()
-        v = value[tuple(row)].to(compute_dtype(_coarsest_dtype(value.dtype, self.logits.dtype)))
-        if self.support is _log_simplex:
-            x, total = v, f"logsumexp {v.logsumexp(-1).item():.6g}, max {v.max().item():.3g}"
-        else:
-            x, total = _log_value(v), f"sum {v.sum(-1).item():.6g}, min {v.min().item():.3g}"
-        tol = _simplex_tolerance(x.exp(), x, (self.logits.dtype,)).item()
-        return (f"{int(bad.sum())} of {bad.numel()} rows, e.g. at batch index {row}: {total} "
-                f"(tolerance {tol:.3g} for K={v.shape[-1]} in {_coarsest_dtype(value.dtype, self.logits.dtype)})")
+        return super()._check_sample(value)
 
     def _log_rsample(self, sample_shape: _size | int, generator: torch.Generator | None
                      ) -> torch.Tensor:
@@ -578,20 +699,20 @@ class ExpConcrete(_ConcreteBase):
     """
 
     support = _log_simplex
+    _support_kind = "log_simplex"
 
     def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         return self._log_rsample(sample_shape, generator)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        checked = self._check_sample(value)
         x = value.to(self._out_dtype(value))
         # a coordinate is -inf exactly where its category is impossible; anywhere else x is
         # outside the support (mass on an impossible category) or at the limit of the boundary,
         # where the density tends to 0: log_prob = -inf either way
         outside = ((x == _NEG_INF) != (self.logits == _NEG_INF)).any(-1)
-        return self._exp_log_prob(x).masked_fill(outside, _NEG_INF)
+        return _plus(self._exp_log_prob(x).masked_fill(outside, _NEG_INF), checked)
 
 
 class Concrete(_ConcreteBase):
@@ -636,14 +757,14 @@ class Concrete(_ConcreteBase):
     """
 
     support = _simplex
+    _support_kind = "simplex"
 
     def rsample(self, sample_shape: _size | int = _EMPTY, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         return self._log_rsample(sample_shape, generator).exp()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        checked = self._check_sample(value)
         y = value.to(self._out_dtype(value))
         # every nonzero value exactly (subnormals too); an exact 0 as the smallest positive float
         # of the value's dtype, the nearest interior point (clamping below it changes nothing
@@ -653,7 +774,7 @@ class Concrete(_ConcreteBase):
         # outside the support: a negative entry, or mass on an impossible category (whose own
         # term counts 0 whatever its coordinate)
         outside = (y < 0).any(-1) | ((self.logits == _NEG_INF) & (y != 0)).any(-1)
-        return self._exp_log_prob(log_y, concrete=True).masked_fill(outside, _NEG_INF)
+        return _plus(self._exp_log_prob(log_y, concrete=True).masked_fill(outside, _NEG_INF), checked)
 
 
 # --- Binary Concrete and Hard Concrete -----------------------------------------------------------
@@ -665,6 +786,8 @@ class _BinaryBase(_Tempered):
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
         "temperature": _positive_finite, "logits": _finite}
     _binary = True
+    _logits_kind = "finite"
+    _support_kind = "unit_interval"
 
     @property
     def probs(self) -> torch.Tensor:
@@ -718,10 +841,8 @@ class _BinaryBase(_Tempered):
         q = q.to(cdtype)
         return torch.sigmoid((torch.logit(q) + self.logits.to(cdtype)) / self.temperature.to(cdtype))
 
-    def _check_q(self, q: torch.Tensor) -> None:
-        if self._validate_args:
-            _require((q >= 0) & (q <= 1), lambda: "icdf takes probabilities in [0, 1], got values "
-                                                  f"{q[~((q >= 0) & (q <= 1))].flatten()[:4].tolist()}")
+    def _check_q(self, q: torch.Tensor) -> torch.Tensor | None:
+        return _require(q, "quantile") if self._validate_args else None
 
 
 class BinaryConcrete(_BinaryBase):
@@ -767,19 +888,17 @@ class BinaryConcrete(_BinaryBase):
         return torch.sigmoid(self._logit_rsample(sample_shape, generator)).to(self.logits.dtype)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        checked = self._check_sample(value)
         dtype = self._out_dtype(value)
-        return self._s_log_prob(value, value.dtype if value.is_floating_point() else dtype).to(dtype)
+        return _plus(self._s_log_prob(value, value.dtype if value.is_floating_point() else dtype).to(dtype), checked)
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        return self._s_cdf(value).to(self.logits.dtype)
+        checked = self._check_sample(value)
+        return _plus(self._s_cdf(value).to(self.logits.dtype), checked)
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:
-        self._check_q(value)
-        return self._s_icdf(value).to(self.logits.dtype)
+        checked = self._check_q(value)
+        return _plus(self._s_icdf(value).to(self.logits.dtype), checked)
 
 
 class HardConcrete(_BinaryBase):
@@ -865,8 +984,7 @@ class HardConcrete(_BinaryBase):
         return torch.sigmoid(-self._mass_logits()[0]).to(self.logits.dtype)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        checked = self._check_sample(value)
         cdtype = self._out_dtype(value)
         log_p0, log_p1 = (torch.nn.functional.logsigmoid(m).to(cdtype) for m in self._mass_logits())
         z = value.to(cdtype)
@@ -875,19 +993,18 @@ class HardConcrete(_BinaryBase):
         s = (z.clamp(0.0, 1.0) - self.lower) / width
         cont = self._s_log_prob(s, cdtype) - math.log(width)
         lp = torch.where(z <= 0, log_p0, torch.where(z >= 1, log_p1, cont))
-        return lp.masked_fill((z < 0) | (z > 1), _NEG_INF)
+        return _plus(lp.masked_fill((z < 0) | (z > 1), _NEG_INF), checked)
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        checked = self._check_sample(value)
         z = value.to(compute_dtype(torch.promote_types(value.dtype, self.logits.dtype)))
         f = self._s_cdf(((z - self.lower) / (self.upper - self.lower)).clamp(0.0, 1.0))
-        return torch.where(z >= 1, torch.ones_like(f), f).to(self.logits.dtype)
+        return _plus(torch.where(z >= 1, torch.ones_like(f), f).to(self.logits.dtype), checked)
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:
         # clipping is monotone, so the quantile of z is the clipped quantile of s
-        self._check_q(value)
-        return self._stretch(self._s_icdf(value)).to(self.logits.dtype)
+        checked = self._check_q(value)
+        return _plus(self._stretch(self._s_icdf(value)).to(self.logits.dtype), checked)
 
 
 # --- Plackett-Luce --------------------------------------------------------------------------------
@@ -950,6 +1067,7 @@ class PlackettLuce(_Validated):
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {"logits": _logits_vector}
+    _support_kind = "ordered_subset"
 
     def __init__(self, logits: torch.Tensor, k: int | None = None,
                  validate_args: bool | None = None) -> None:
@@ -963,15 +1081,13 @@ class PlackettLuce(_Validated):
         self.k = k
         # normalizing never makes a finite logit -inf (see _log_normalized): finite logits are
         # always possible picks, however far below the others they are
-        self.logits = _log_normalized(logits)
+        logits = _log_normalized(logits)
         validate = _validating(validate_args)
+        if validate:  # the values, then enough possible categories for k picks (chained)
+            zero = _require(logits, "logits_vector", "logits")
+            logits = logits + (zero + _require(logits + zero, "enough_categories", "logits", k))
+        self.logits = logits
         self._init_validated(logits.shape[:-1], torch.Size((k,)), validate)
-        if validate:
-            possible = (self.logits > _NEG_INF).sum(-1)
-            _require(possible >= k, lambda: (
-                f"k={k} is larger than the number of possible (> -inf) categories in "
-                f"{int((possible < k).sum())} row(s) of logits, e.g. {int(possible.min())} at batch index "
-                f"{(possible < k).nonzero()[0].tolist()}; lower k or give those categories finite logits"))
 
     @property
     def support(self) -> constraints.Constraint:
@@ -1002,9 +1118,9 @@ class PlackettLuce(_Validated):
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise TypeError(f"value must be an integer tensor of category indices, got {got}; "
                             "use value.long()")
-        if self._validate_args:
-            self._validate_sample(value)
-        return value.long()
+        checked = self._check_sample(value)
+        # indices that depend on the check: a compiled gather never runs before it
+        return _plus(value.long(), checked)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         value = self._check_value(value)
