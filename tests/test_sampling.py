@@ -21,11 +21,22 @@ from scipy import stats
 import gumbelkit._counter_noise as cn
 import gumbelkit.sampling as sampling
 import reference as ref
+from gumbelkit._kernels import cpu_fused
 from gumbelkit.noise import gumbel_noise_like
 from gumbelkit.sampling import sample
 
-# every test runs on the default kernels (fused numba where installed) and on the torch path
+# every test runs on the fused numba kernels (where installed; else the default) and on the torch path
 pytestmark = pytest.mark.usefixtures("backend")
+FUSED = cpu_fused.available()
+
+
+@pytest.fixture(params=["fused", "torch"])
+def backend(request, monkeypatch):
+    """The fused kernels at every size (``GUMBELKIT_BACKEND=numba``: ``auto`` would send the
+    small inputs of most tests to the torch path), and the torch path."""
+    value = "torch" if request.param == "torch" else ("numba" if FUSED else "auto")
+    monkeypatch.setenv("GUMBELKIT_BACKEND", value)
+    return request.param
 
 NEG_INF = float("-inf")
 P_MIN = 1e-3
@@ -870,3 +881,80 @@ def test_fused_whole_row_draw_is_the_seeded_kernel():
     # generator mode: reproducible, and every row is its own counter stream
     a = sample(x, temperature=0.7, generator=gen(71))
     assert torch.equal(a, sample(x, temperature=0.7, generator=gen(71)))
+
+
+# ------------------------------------------------- the fused selection kernels (issue 13)
+
+needs_numba = pytest.mark.skipif(not FUSED, reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("rows, n", [(64, 5000), (2, 70_000), (3, 40), (1, 1)])
+def test_kth_largest_is_topk_with_ties_and_minus_inf(rows, n):
+    """The k-th largest value counting repeats, as torch.topk: ties, -inf entries, k from 1 to
+    n, whole rows and rows split into blocks (few rows) alike."""
+    g = gen(80 + n)
+    x = torch.randn(rows, n, generator=g) * 3
+    x[0, ::3] = x[0, ::3].round()  # many ties
+    x[-1, torch.rand(n, generator=g) < 0.3] = NEG_INF
+    for k in sorted({1, min(n, 2), min(n, 50), min(n, 1000), (n + 1) // 2, n}):
+        want = torch.topk(x, k).values[:, -1]
+        assert torch.equal(torch.from_numpy(cpu_fused.kth_largest(x.numpy(), k)), want), k
+    ks = torch.randint(0, n + 1, (rows,), generator=g)
+    got = torch.from_numpy(cpu_fused.kth_largest_rows(x.numpy(), ks.numpy()))
+    want = torch.stack([torch.topk(x[r], int(k)).values[-1] if k > 0 else torch.tensor(NEG_INF)
+                        for r, k in enumerate(ks)])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="k must lie in"):
+        cpu_fused.kth_largest(x.numpy(), n + 1)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, n", [(64, 3000), (2, 70_000)])
+def test_sample_kept_is_sample_seeded_bit_for_bit(dtype, rows, n):
+    """The skipping draw of sample() returns sample_seeded's token for every threshold
+    (none, a top-k cut, a narrow cut, the row max), temperature and block split."""
+    g = gen(90 + n)
+    x = (torch.randn(rows, n, generator=g) * torch.linspace(0.1, 8, rows).unsqueeze(-1)).to(dtype)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (rows,), generator=g)
+    keys = cpu_fused.row_keys(seeds.numpy())
+    m = x.amax(-1)
+    for temps in (torch.ones(rows, dtype=dtype), torch.rand(rows, generator=g, dtype=dtype) * 2 + 1e-3):
+        for low in (torch.full((rows,), NEG_INF, dtype=dtype), torch.topk(x, 50).values[:, -1],
+                    torch.topk(x, 2).values[:, -1], m):
+            want = cpu_fused.sample_seeded(x.numpy(), seeds, temps.numpy(), min_value=low.numpy())
+            got = cpu_fused.sample_kept(x.numpy(), keys, m.numpy(), temps.numpy(), low.numpy())
+            assert (got == want).all()
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["flat", "lm", "ties"])
+def test_fused_top_p_with_temperature_and_top_k_equals_the_sort_recipe(monkeypatch, kind):
+    """The fused kept set with temperature and a top-k floor (float64 masses over the top-k
+    survivors only) is the sort recipe's, on rows whose nucleus needs the sampled pivots."""
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "numba")
+    g = gen(95)
+    x = torch.randn(4, 30_000, generator=g)
+    logits = {"flat": x * 0.1, "lm": x * 4, "ties": (x * 20).round() / 20}[kind]
+    for t, k, p in [(0.7, 0, 0.9), (1.3, 20_000, 0.95), (1.0, 25_000, 0.5)]:
+        z = logits.double() / t
+        if k:
+            kth = torch.topk(logits, k).values[:, -1:]
+            z = z.masked_fill(logits < kth, NEG_INF)
+        want = _sort_reference_keep(z, p) & (z > NEG_INF)
+        assert torch.equal(sampling._kept_mask(logits, temperature=t, top_k=k, top_p=p), want), (t, k, p)
+
+
+def test_top_k_frequencies_with_ties_at_the_cut():
+    """top_k=50 on 400 tokens with tied values at the 50th: the kept set is every token >= the
+    50th largest, drawn at the renormalized softmax frequencies."""
+    g = gen(96)
+    values = torch.cat([torch.rand(40, generator=g) * 3 + 0.5, torch.zeros(30), -1 - torch.rand(330, generator=g)])
+    logits = values[torch.randperm(400, generator=g)]  # ranks 41-70 tie at 0
+    probs = processed_probs(logits, top_k=50)
+    assert (probs > 0).sum() == 70  # the tie at the cut is kept whole
+    ids = sample(logits.expand(60_000, -1), top_k=50, seeds=torch.arange(60_000) + 7)
+    assert chi2_pvalue(ids, probs) > P_MIN
+    ids = sample(logits.expand(60_000, -1), top_k=50, generator=gen(97))
+    assert chi2_pvalue(ids, probs) > P_MIN

@@ -309,11 +309,13 @@ def _check_data(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     min_tokens_to_keep: torch.Tensor,
-) -> None:
+    extra: tuple[torch.Tensor, ...] = (),
+) -> list[bool]:
     """Every check of :func:`_sample_impl` that reads tensor data, with one host sync.
 
     ``rowmax`` is ``logits.amax(-1)``: it is finite exactly when the row has no NaN, no
-    ``+inf`` and at least one finite logit (amax propagates NaN).
+    ``+inf`` and at least one finite logit (amax propagates NaN). ``extra``: 0-d boolean
+    tensors the caller needs on the host, read in the same sync; returns their values.
     """
     inf = math.inf
     bad = {
@@ -324,9 +326,9 @@ def _check_data(
         "min_tokens_to_keep": min_tokens_to_keep < 1,
     }
     bad_rows = ~torch.isfinite(rowmax)
-    flags = torch.stack([b.any() for b in (*bad.values(), bad_rows)])
-    if not bool(flags.any()):
-        return
+    flags = torch.stack([*(b.any() for b in (*bad.values(), bad_rows)), *extra]).tolist()
+    if not any(flags[: len(bad) + 1]):
+        return flags[len(bad) + 1 :]
     values = {
         "temperature": temperature,
         "top_k": top_k,
@@ -387,14 +389,19 @@ def _sample_impl(
     if batch == 0:
         return ids, logprobs
     rowmax = logits.amax(-1)
-    _check_data(rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     greedy = temperature == 0
-    if bool(greedy.any()):
+    truncated = (top_k > 0) | (top_p < 1) | (min_p > 0) | (min_tokens_to_keep > 1)
+    any_greedy, any_truncated = _check_data(
+        rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, (greedy.any(), truncated.any())
+    )
+    if any_greedy:
         g = greedy.nonzero().flatten()
         ids[g] = (logits if len(g) == batch else logits[g]).argmax(-1)  # the lowest id
-    rows = (~greedy).nonzero().flatten()
-    if rows.numel() == 0:
-        return ids, logprobs
+        rows = (~greedy).nonzero().flatten()
+        if rows.numel() == 0:
+            return ids, logprobs
+    else:
+        rows = torch.arange(batch, device=dev)
     whole = rows.numel() == batch
     sub = logits if whole else logits[rows]
 
@@ -414,7 +421,10 @@ def _sample_impl(
         rows,
         vocab,
         return_logprobs,
+        any_truncated,
     )
+    if whole:
+        return tok, lp.to(cdtype)
     ids[rows] = tok
     if return_logprobs:
         logprobs[rows] = lp
@@ -736,6 +746,11 @@ def _kept_mask(
     params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     m = logits.amax(-1)
     _check_data(m, logits, *params)
+    fused = _fused_kernels(logits, params[0])
+    if fused is not None:
+        x = logits.to(compute_dtype(logits.dtype)).contiguous()
+        threshold = _fused_thresholds(fused, x, m, *params)
+        return (x >= threshold.unsqueeze(-1)) & (x > _NEG_INF)
     kept = _thresholds(logits, m, *params)
     return (logits >= kept.threshold.unsqueeze(-1)) & (logits > _NEG_INF)
 
@@ -753,11 +768,23 @@ def _sample_rows(
     rows: torch.Tensor,
     vocab: int,
     want_logprobs: bool,
+    truncated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows with ``T > 0``: thresholds, then a Gumbel-Max among the candidates when the kept
-    set lies among them, else over the whole row with the threshold as a mask."""
+    set lies among them, else over the whole row with the threshold as a mask.
+    ``truncated`` False: no row has top-k, top-p, min-p or ``min_tokens_to_keep > 1``."""
     n = l.shape[0]
     dev = l.device
+    fused = _fused_kernels(l, temperature)
+    if fused is not None:
+        return _sample_rows_fused(fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed,
+                                  rows, want_logprobs)
+    if not truncated:  # the whole row, no threshold (what the groups below come to)
+        z = _scaled(l, m, temperature)
+        col = _gumbel_max(z, None, None, seeds, noise_seed, rows, vocab, _STREAM_ROWS)
+        if not want_logprobs:
+            return col, torch.zeros(n, dtype=z.dtype, device=dev)
+        return col, _logprob(z, None, None, col, vocab)
     kept = _thresholds(l, m, temperature, top_k, top_p, min_p, min_keep)
     thr = kept.threshold
     token = torch.empty(n, dtype=torch.int64, device=dev)
@@ -796,44 +823,111 @@ def _sample_rows(
             elif not bool(small.all()):
                 big = (~small).nonzero().flatten()
                 groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
-    fused = cpu_kernels(l) if bool((temperature >= _FUSED_MIN_T).all()) else None
     for index, v, ids, keep, stream in groups:
         everyone = index.numel() == n
         t_i = temperature if everyone else temperature[index]
         m_i = m if everyone else m[index]
         s_i = None if seeds is None else (seeds if everyone else seeds[index])
-        if fused is not None and ids is None:  # a whole-row draw: one fused pass
-            low = None if keep is None else (thr if everyone else thr[index])
-            col = _fused_draw(fused, v, t_i, low, s_i, noise_seed, rows[index], stream)
-            z = _scaled(v, m_i, t_i) if want_logprobs else None
-        else:
-            z = _scaled(v, m_i, t_i)
-            col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
+        z = _scaled(v, m_i, t_i)
+        col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
         token[index] = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
         if want_logprobs:
             logprob[index] = _logprob(z, ids, keep, col, vocab)
     return token, logprob
 
 
-# The fused kernel divides by T in the compute dtype; below this the torch path keeps the limit exact.
+# The fused kernels divide by T in the compute dtype; below this the torch path keeps the limit exact.
 _FUSED_MIN_T = 1e-30
 
 
-def _fused_draw(fused, v: torch.Tensor, temperature: torch.Tensor, low: torch.Tensor | None,
-                seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, rows: torch.Tensor,
-                stream: int) -> torch.Tensor:
-    """``argmax_j (v_j - max v) / T + G(seed_r, j)`` over ``v >= low`` in one fused numba pass.
+def _fused_kernels(l: torch.Tensor, temperature: torch.Tensor):
+    """The fused numba kernels when they serve these rows (CPU, the backend's choice, every
+    ``T >= _FUSED_MIN_T``), else None."""
+    fused = cpu_kernels(l)
+    if fused is None or not bool((temperature >= _FUSED_MIN_T).all()):
+        return None
+    return fused
+
+
+def _fused_thresholds(
+    fused,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_thresholds` with the fused kernels, on ``x`` (the rows in the compute dtype,
+    C-contiguous): per row ``min(max(t_k, t_p, t_m), t_n)`` in ``x``'s dtype.
+
+    ``t_k`` and ``t_n`` are k-th largest values (a streaming selection, no sort); ``t_p`` is
+    the exact crossing value of the float64 masses ``exp((x - m) / T)`` over ``x >= t_k``
+    (a sort-free quickselect by mass, :func:`cpu_fused.top_p_threshold`); ``t_m`` is the
+    min-p bound rounded up to ``x``'s dtype.
+    """
+    n, vocab = x.shape
+    xn = x.numpy()
+    neg = torch.full((n,), _NEG_INF, dtype=x.dtype)
+    k = torch.where(top_k > 0, torch.maximum(top_k, min_keep), 0)
+    k = torch.where(k >= vocab, 0, k)
+    keep_n = min_keep.clamp(max=vocab)
+    m_x = m.to(x.dtype)
+    t_k = neg
+    if bool((k > 0).any()):
+        t_k = torch.from_numpy(fused.kth_largest_rows(xn, k.numpy()))
+    t_n = m_x
+    if bool((keep_n > 1).any()):
+        t_n = torch.from_numpy(fused.kth_largest_rows(xn, torch.where(keep_n > 1, keep_n, 0).numpy()))
+        t_n = torch.where(keep_n > 1, t_n, m_x)
+    t_p = neg
+    p_on = top_p < 1
+    if bool(p_on.any()):
+        ps = torch.where(p_on, top_p, 2.0)  # > 1: off
+        th, _ = fused.top_p_rows(xn, ps.numpy(), temperature.numpy(), t_k.double().numpy(), m.double().numpy())
+        t_p = torch.from_numpy(th).to(x.dtype)  # a value of x: exact
+    t_m = neg
+    if bool((min_p > 0).any()):
+        t_m = _round_up(m.double() + temperature * min_p.log(), x.dtype)
+    return torch.minimum(torch.maximum(torch.maximum(t_k, t_p), t_m), t_n)
+
+
+def _sample_rows_fused(
+    fused,
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    rows: torch.Tensor,
+    want_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sample_rows` with the fused kernels: the threshold of every row, then one
+    draw ``argmax_{x >= threshold} (x - m) / T + G(seed_r, token id)`` that skips the
+    stretches of the row that cannot win (:func:`cpu_fused.sample_kept`).
 
     Seeds mode uses each row's seed; generator mode gives row ``r`` of the batch the seed
     ``mix64(stream_seed + r * GAMMA)``, so both are counter streams with position = token id.
     """
-    x = v.to(compute_dtype(v.dtype)).contiguous()
+    cdtype = compute_dtype(l.dtype)
+    x = l.to(cdtype).contiguous()
+    thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
     if seeds is None:
         assert noise_seed is not None
-        seeds = mix64(_stream_seed(noise_seed, stream) + rows * GAMMA)
-    lows = None if low is None else low.to(x.dtype).numpy()
-    ids = fused.sample_seeded(x.numpy(), seeds.contiguous(), temperature.to(x.dtype).numpy(), min_value=lows)
-    return torch.from_numpy(ids)
+        seeds = mix64(_stream_seed(noise_seed, _STREAM_ROWS) + rows * GAMMA)
+    keys = fused.row_keys(seeds.contiguous().numpy())
+    col = torch.from_numpy(
+        fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), temperature.to(cdtype).numpy(), thr.numpy())
+    )
+    if not want_logprobs:
+        return col, torch.zeros(l.shape[0], dtype=cdtype)
+    keep = x >= thr.unsqueeze(-1)
+    return col, _logprob(_scaled(l, m, temperature), None, keep, col, l.shape[1])
 
 
 def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -876,6 +970,14 @@ def _stream_seed(noise_seed: torch.Tensor, stream: int) -> torch.Tensor:
     return mix64(x)[0]
 
 
+def _mix64_int(x: int) -> int:
+    """SplitMix64's finalizer on a Python int's low 64 bits (unsigned), ``mix64`` without tensors."""
+    z = x & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def _noise(
     z: torch.Tensor, pos: torch.Tensor, seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, stream: int
 ) -> torch.Tensor:
@@ -888,7 +990,7 @@ def _noise(
     if seeds is not None:
         return counter_gumbel(seeds.unsqueeze(-1), pos, dtype=torch.float64)
     assert noise_seed is not None
-    seed = int(_stream_seed(noise_seed, stream)) & (2**64 - 1)
+    seed = _mix64_int(int(noise_seed) + stream * GAMMA)  # = _stream_seed, as a Python int
     gen = torch.Generator(device=z.device).manual_seed(seed)
     return gumbel_noise_like(z, generator=gen)
 
