@@ -3,9 +3,10 @@ r"""Next-token sampling for language models with the Gumbel-Max trick.
 :func:`sample` draws one token per row of ``(B, V)`` logits after the usual processing
 (temperature, top-k, top-p, min-p, ``min_tokens_to_keep``), exactly from the processed
 distribution. Every truncation is a threshold on the row's own logit values, found without
-sorting the vocabulary: top-k is one :func:`torch.topk`; top-p runs an exact histogram
-search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept
-tokens, in float32 or better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
+sorting the vocabulary (fused numba kernels where they serve: a streaming k-th-largest
+selection and a quickselect by float64 mass; on the torch path :func:`torch.topk` and an
+exact histogram search); the draw is a Gumbel-Max over the kept tokens, in float32 or
+better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
 function of its own seed and logits (batch-invariant sampling; see
 :mod:`gumbelkit._counter_noise`).
 
@@ -120,9 +121,7 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
             kind = "an integer" if integer else "a floating-point"
             raise TypeError(f"{name} must be a number or {kind} tensor, got dtype {value.dtype}")
         if value.device != device:
-            raise ValueError(
-                f"{name} is on {value.device} but logits are on {device}; move it with .to()"
-            )
+            raise ValueError(f"{name} is on {value.device} but logits are on {device}; move it with .to()")
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
             raise ValueError(
                 f"{name} must be a scalar or a tensor of shape ({batch},) (one value per "
@@ -130,10 +129,7 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
             )
         return value.to(dtype).expand(batch).contiguous()
     if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
-        raise TypeError(
-            f"{name} must be {'an int' if integer else 'a float'} or a tensor, "
-            f"got {type(value).__name__}"
-        )
+        raise TypeError(f"{name} must be {'an int' if integer else 'a float'} or a tensor, got {type(value).__name__}")
     v = float(value)
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
@@ -158,13 +154,9 @@ def _check_seeds(seeds: object, batch: int, device: torch.device) -> torch.Tenso
             "e.g. torch.tensor(request_seeds, dtype=torch.int64)"
         )
     if seeds.shape != (batch,):
-        raise ValueError(
-            f"seeds must have shape ({batch},) (one seed per row), got {tuple(seeds.shape)}"
-        )
+        raise ValueError(f"seeds must have shape ({batch},) (one seed per row), got {tuple(seeds.shape)}")
     if seeds.device != device:
-        raise ValueError(
-            f"seeds are on {seeds.device} but logits are on {device}; move them with .to()"
-        )
+        raise ValueError(f"seeds are on {seeds.device} but logits are on {device}; move them with .to()")
     return seeds
 
 
@@ -215,12 +207,18 @@ def sample(
     tokens.
 
     How: every rule keeps the tokens at or above a value, so the kept set is
-    ``logits >= threshold`` per row. top-k is :func:`torch.topk` of ``k' + 1`` logits;
-    top-p without top-k finds its threshold with an exact histogram search (float64 masses
-    per bin of values, refined inside the bin that crosses ``p``, then the few tokens of that
-    bin sorted), so even a flat row, whose nucleus is most of the vocabulary, costs a few
-    passes instead of a sort. The noise is drawn for the kept tokens only when they are at
-    most an eighth of the vocabulary, else over the whole row with the threshold as a mask.
+    ``logits >= threshold`` per row. With the fused CPU kernels (numba; see
+    :mod:`gumbelkit._kernels.dispatch` for when they serve) the k-th largest values come from
+    a streaming selection, top-p's crossing value from a sort-free quickselect by float64
+    mass over the tokens that can be kept, and the draw is one pass that skips every stretch
+    of the row below the threshold or too low to win; the noise is the counter noise of the
+    token id, so the token is :func:`gumbelkit._kernels.cpu_fused.sample_seeded`'s with the
+    threshold as ``min_value``. The torch path takes top-k from :func:`torch.topk` of
+    ``k' + 1`` logits and top-p from an exact histogram search (float64 masses per bin of
+    values, refined inside the bin that crosses ``p``, then the few tokens of that bin
+    sorted), and draws noise for the kept tokens only when they are at most an eighth of the
+    vocabulary. Either way a flat row, whose nucleus is most of the vocabulary, costs a few
+    passes instead of a sort. Timings: ``docs/benchmarks.md`` (``benchmarks/sampling_bench.py``).
 
     Args:
         logits: ``(B, V)`` floating-point logits.
@@ -278,9 +276,7 @@ def sample(
     check_generator(generator, dev)
     seeds = _check_seeds(seeds, batch, dev)
     if seeds is not None and generator is not None:
-        raise ValueError(
-            "pass either seeds (counter-based, batch-invariant noise) or generator, not both"
-        )
+        raise ValueError("pass either seeds (counter-based, batch-invariant noise) or generator, not both")
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
     params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
@@ -432,18 +428,29 @@ def _sample_impl(
 
 
 @torch.library.custom_op("gumbelkit::sample", mutates_args=())
-def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               min_p: torch.Tensor, min_tokens_to_keep: torch.Tensor, seeds: torch.Tensor | None,
-               noise_seed: torch.Tensor | None, return_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_tokens_to_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    return_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_sample_impl` as a registered operator (compile, export, vmap and fake tensors see one call)."""
-    return _sample_impl(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed,
-                        return_logprobs)
+    return _sample_impl(
+        logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed, return_logprobs
+    )
 
 
 def _sample_fake(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed, return_logprobs):
     batch = logits.shape[0]
-    return (logits.new_empty((batch,), dtype=torch.int64),
-            logits.new_empty((batch,), dtype=compute_dtype(logits.dtype)))
+    return (
+        logits.new_empty((batch,), dtype=torch.int64),
+        logits.new_empty((batch,), dtype=compute_dtype(logits.dtype)),
+    )
 
 
 register_random_op(_sample_op, _sample_fake)
@@ -525,9 +532,7 @@ def _z64(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.T
     return z
 
 
-def _row_mass(
-    l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor
-) -> torch.Tensor:
+def _row_mass(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """``sum exp(z)`` over ``l >= floor`` per row, float64, summed sequentially (so it does not
     depend on the batch around the row), over chunks of rows."""
     n, vocab = l.shape
@@ -777,8 +782,9 @@ def _sample_rows(
     dev = l.device
     fused = _fused_kernels(l, temperature)
     if fused is not None:
-        return _sample_rows_fused(fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed,
-                                  rows, want_logprobs)
+        return _sample_rows_fused(
+            fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed, rows, want_logprobs
+        )
     if not truncated:  # the whole row, no threshold (what the groups below come to)
         z = _scaled(l, m, temperature)
         col = _gumbel_max(z, None, None, seeds, noise_seed, rows, vocab, _STREAM_ROWS)
@@ -1025,9 +1031,7 @@ def _gumbel_max(
             u = counter_uniform(key.unsqueeze(-1), p)
         else:
             assert noise_seed is not None
-            u = counter_uniform(
-                _stream_seed(noise_seed, _STREAM_TIES), rows[tied].unsqueeze(-1) * vocab + p
-            )
+            u = counter_uniform(_stream_seed(noise_seed, _STREAM_TIES), rows[tied].unsqueeze(-1) * vocab + p)
         u = torch.where(score[tied] == best[tied], u, -1.0)
         col[tied] = u.argmax(-1, keepdim=True)
     return col.squeeze(-1)

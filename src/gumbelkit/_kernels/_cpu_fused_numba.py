@@ -656,7 +656,8 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
 
 # --------------------------------------------------------------------------- selection (top-p, top-k)
 
-SUB = 64  # elements per sub-chunk of the selection kernels (the unit they skip)
+SUB = 64  # elements per sub-chunk of the selection kernels (the unit of noise work they skip)
+SKIP = 256  # elements per stretch whose maximum decides a skip (fewer horizontal reductions)
 
 
 @_jit(parallel=True)
@@ -897,8 +898,8 @@ def _heap_scan(xr, lo, hi, h, k):
     """Push xr[lo:hi] through the min-heap h[:k] of the k largest values seen (with
     multiplicity), skipping every sub-chunk whose max does not exceed the heap's minimum."""
     hmin = h[0]
-    for c in range(lo, hi, SUB):
-        length = min(SUB, hi - c)
+    for c in range(lo, hi, SKIP):
+        length = min(SKIP, hi - c)
         if _buf_max(xr[c:c + length], length) <= hmin:
             continue
         for j in range(c, c + length):
@@ -950,8 +951,9 @@ def sample_above(x, keys, m, temps, lows, block):
     lowest index: the result of ``argmax_perturbed(x, keys, True, 0, temps, True, True, lows,
     True)`` (the same helpers compute the same scores), with the row maxima ``m`` given.
 
-    Works in sub-chunks of SUB elements and skips those that cannot hold the winner: every
-    entry below the row's low, or ``max - m) / T + G_MAX`` below the best score so far. With
+    Works in stretches of SKIP elements, then sub-chunks of SUB, and skips those that cannot
+    hold the winner: every entry below the row's low, or ``(max - m) / T + G_MAX`` below the
+    best score so far. With
     a small kept set (top-k, a narrow nucleus) that leaves about one read pass, and noise for
     the sub-chunks that hold kept tokens.
     """
@@ -972,22 +974,27 @@ def sample_above(x, keys, m, temps, lows, block):
         key = keys[r]
         bv = -np.inf
         bi = -1
-        for c in range(lo, hi, SUB):
-            length = min(SUB, hi - c)
-            cmx = _buf_max(xr[c:c + length], length)
-            if cmx < low:
+        for s0 in range(lo, hi, SKIP):
+            s1 = min(SKIP, hi - s0)
+            smx = _buf_max(xr[s0:s0 + s1], s1)
+            if smx < low or (bi >= 0 and (smx - mr) / tau + gmax < bv):
                 continue
-            if bi >= 0 and (cmx - mr) / tau + gmax < bv:
-                continue
-            _fill_perturbed_div(buf, xr, c, length, mr, tau, key, c)
-            for j in range(length):
-                buf[j] = buf[j] if xr[c + j] >= low else -np.inf
-            cm = _buf_max(buf, length)
-            if cm > bv or bi < 0:
-                idx = _first_index(buf, length, cm)
-                if idx >= 0:
-                    bv = cm
-                    bi = c + idx
+            for c in range(s0, s0 + s1, SUB):
+                length = min(SUB, s0 + s1 - c)
+                cmx = _buf_max(xr[c:c + length], length)
+                if cmx < low:
+                    continue
+                if bi >= 0 and (cmx - mr) / tau + gmax < bv:
+                    continue
+                _fill_perturbed_div(buf, xr, c, length, mr, tau, key, c)
+                for j in range(length):
+                    buf[j] = buf[j] if xr[c + j] >= low else -np.inf
+                cm = _buf_max(buf, length)
+                if cm > bv or bi < 0:
+                    idx = _first_index(buf, length, cm)
+                    if idx >= 0:
+                        bv = cm
+                        bi = c + idx
         best_v[t] = bv
         best_i[t] = bi
     out = np.empty(rows, dtype=np.int64)
@@ -1002,3 +1009,4 @@ def sample_above(x, keys, m, temps, lows, block):
                 bi = i
         out[r] = bi
     return out
+

@@ -540,7 +540,7 @@ def kth_largest(x: np.ndarray, k: object) -> np.ndarray:
     """The k-th largest value of each row, counting repeats: ``torch.topk(x, k).values[:, -1]``.
 
     A streaming selection (a min-heap of the k best values per row and block, skipping every
-    64-element stretch whose maximum does not beat the heap's minimum, so after a short
+    256-element stretch whose maximum does not beat the heap's minimum, so after a short
     warm-up it costs about one read of the row), parallel over rows and blocks of long rows.
 
     Args:
