@@ -783,7 +783,7 @@ def _sample_rows(
     fused = _fused_kernels(l, temperature)
     if fused is not None:
         return _sample_rows_fused(
-            fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed, rows, want_logprobs
+            fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed, rows, want_logprobs, truncated
         )
     if not truncated:  # the whole row, no threshold (what the groups below come to)
         z = _scaled(l, m, temperature)
@@ -912,27 +912,33 @@ def _sample_rows_fused(
     noise_seed: torch.Tensor | None,
     rows: torch.Tensor,
     want_logprobs: bool,
+    truncated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_sample_rows` with the fused kernels: the threshold of every row, then one
     draw ``argmax_{x >= threshold} (x - m) / T + G(seed_r, token id)`` that skips the
-    stretches of the row that cannot win (:func:`cpu_fused.sample_kept`).
+    stretches of the row that cannot win (:func:`cpu_fused.sample_kept`); without any
+    truncation, :func:`cpu_fused.sample_seeded` (the same token, bit for bit).
 
     Seeds mode uses each row's seed; generator mode gives row ``r`` of the batch the seed
     ``mix64(stream_seed + r * GAMMA)``, so both are counter streams with position = token id.
     """
     cdtype = compute_dtype(l.dtype)
     x = l.to(cdtype).contiguous()
-    thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
     if seeds is None:
         assert noise_seed is not None
         seeds = mix64(_stream_seed(noise_seed, _STREAM_ROWS) + rows * GAMMA)
-    keys = fused.row_keys(seeds.contiguous().numpy())
-    col = torch.from_numpy(
-        fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), temperature.to(cdtype).numpy(), thr.numpy())
-    )
+    if not truncated:
+        temps = None if not bool((temperature != 1).any()) else temperature.to(cdtype).numpy()
+        col = torch.from_numpy(fused.sample_seeded(x.numpy(), seeds.contiguous(), temps))
+        keep = None
+    else:
+        thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
+        keys = fused.row_keys(seeds.contiguous().numpy())
+        t_x = temperature.to(cdtype).numpy()
+        col = torch.from_numpy(fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), t_x, thr.numpy()))
+        keep = x >= thr.unsqueeze(-1) if want_logprobs else None
     if not want_logprobs:
         return col, torch.zeros(l.shape[0], dtype=cdtype)
-    keep = x >= thr.unsqueeze(-1)
     return col, _logprob(_scaled(l, m, temperature), None, keep, col, l.shape[1])
 
 

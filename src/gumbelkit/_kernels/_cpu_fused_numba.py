@@ -894,19 +894,40 @@ def _heap_replace_min(h, k, v):
 
 
 @_jit()
-def _heap_scan(xr, lo, hi, h, k):
-    """Push xr[lo:hi] through the min-heap h[:k] of the k largest values seen (with
-    multiplicity), skipping every sub-chunk whose max does not exceed the heap's minimum."""
+def _heap_push_all(vals, lo, hi, h, k, floor):
+    """Push vals[lo:hi] entries > max(floor, heap min) through the min-heap h[:k] of the k
+    largest values seen (with multiplicity)."""
     hmin = h[0]
-    for c in range(lo, hi, SKIP):
-        length = min(SKIP, hi - c)
-        if _buf_max(xr[c:c + length], length) <= hmin:
-            continue
-        for j in range(c, c + length):
-            v = xr[j]
-            if v > hmin:
-                _heap_replace_min(h, k, v)
-                hmin = h[0]
+    for j in range(lo, hi):
+        v = vals[j]
+        if v > hmin and v >= floor:
+            _heap_replace_min(h, k, v)
+            hmin = h[0]
+
+
+@_jit()
+def _heap_scan(xr, lo, hi, h, k):
+    """Push xr[lo:hi] through the min-heap h[:k] of the k largest values (with multiplicity).
+
+    First the maximum of every SUB-element stretch (one vectorized read); the k-th largest of
+    those maxima, L, is a lower bound of the k-th largest value (they are k distinct
+    entries), so only the stretches whose maximum is >= L are read again (about k of them).
+    """
+    ns = (hi - lo + SUB - 1) // SUB
+    smax = np.empty(ns, dtype=xr.dtype)
+    for s in range(ns):
+        c = lo + s * SUB
+        length = min(SUB, hi - c)
+        smax[s] = _buf_max(xr[c:c + length], length)
+    low = -np.inf
+    if ns >= k:
+        hs = np.full(k, -np.inf, dtype=xr.dtype)
+        _heap_push_all(smax, 0, ns, hs, k, -np.inf)
+        low = hs[0]
+    for s in range(ns):
+        if smax[s] >= low and smax[s] > h[0]:
+            c = lo + s * SUB
+            _heap_push_all(xr, c, min(hi, c + SUB), h, k, low)
 
 
 @_jit(parallel=True)
@@ -915,8 +936,8 @@ def kth_largest_rows(x, ks, block, out):
     <= 0 gives -inf), i.e. ``torch.topk(x[r], k).values[-1]``, without sorting.
 
     Tasks are (row, block of ``block`` elements); each keeps its k largest values in a
-    min-heap while streaming, skipping sub-chunks below the heap's minimum (after a warm-up
-    almost all of them: about one read pass), then the blocks' heaps of a row are merged.
+    min-heap, reading again only the stretches that can hold one (``_heap_scan``: about one
+    read pass in all), then the blocks' heaps of a row are merged.
     The result is exact and does not depend on the block size.
     """
     rows, n = x.shape
@@ -940,7 +961,7 @@ def kth_largest_rows(x, ks, block, out):
         else:
             h = np.full(k, -np.inf, dtype=x.dtype)
             for b in range(nblk):
-                _heap_scan(part[r * nblk + b], 0, k, h, k)
+                _heap_push_all(part[r * nblk + b], 0, k, h, k, -np.inf)
             out[r] = h[0]
     return out
 
