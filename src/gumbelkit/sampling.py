@@ -310,8 +310,8 @@ def _check_data(
     """Every check of :func:`_sample_impl` that reads tensor data, with one host sync.
 
     ``rowmax`` is ``logits.amax(-1)``: it is finite exactly when the row has no NaN, no
-    ``+inf`` and at least one finite logit (amax propagates NaN). ``extra``: 0-d boolean
-    tensors the caller needs on the host, read in the same sync; returns their values.
+    ``+inf`` and at least one finite logit (amax propagates NaN). ``extra``: ``(B,)`` boolean
+    tensors whose ``any()`` the caller needs on the host, read in the same sync; returns those.
     """
     inf = math.inf
     bad = {
@@ -322,7 +322,7 @@ def _check_data(
         "min_tokens_to_keep": min_tokens_to_keep < 1,
     }
     bad_rows = ~torch.isfinite(rowmax)
-    flags = torch.stack([*(b.any() for b in (*bad.values(), bad_rows)), *extra]).tolist()
+    flags = torch.stack([*bad.values(), bad_rows, *extra]).any(-1).tolist()  # one reduction, one sync
     if not any(flags[: len(bad) + 1]):
         return flags[len(bad) + 1 :]
     values = {
@@ -388,7 +388,7 @@ def _sample_impl(
     greedy = temperature == 0
     truncated = (top_k > 0) | (top_p < 1) | (min_p > 0) | (min_tokens_to_keep > 1)
     any_greedy, any_truncated = _check_data(
-        rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, (greedy.any(), truncated.any())
+        rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, (greedy, truncated)
     )
     if any_greedy:
         g = greedy.nonzero().flatten()
