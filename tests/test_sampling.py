@@ -951,3 +951,29 @@ def test_top_k_frequencies_with_ties_at_the_cut():
     assert chi2_pvalue(ids, probs) > P_MIN
     ids = sample(logits.expand(60_000, -1), top_k=50, generator=gen(97))
     assert chi2_pvalue(ids, probs) > P_MIN
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_sample_is_kth_largest_then_sample_kept(dtype):
+    """The one-pass top-k kernel returns kth_largest's thresholds and sample_kept's tokens, bit
+    for bit (ties at the k-th value, -inf entries, k from 1 to n), and sample(top_k=) gives a
+    row the same token in a batch (one-pass kernel) as alone (the two kernels)."""
+    g = gen(98)
+    rows, n = 48, 3000
+    x = (torch.randn(rows, n, generator=g) * torch.linspace(0.5, 6, rows).unsqueeze(-1)).to(dtype)
+    x[::5] = (x[::5] * 4).round() / 4
+    x[1, : n // 2] = NEG_INF
+    ks = torch.tensor([1, 2, 50, 700, n - 1, n] * 8)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (rows,), generator=g)
+    keys = cpu_fused.row_keys(seeds.numpy())
+    m, temps = x.amax(-1), torch.rand(rows, generator=g, dtype=dtype) + 0.3
+    ids, thr = cpu_fused.top_k_sample(x.numpy(), ks.numpy(), keys, m.numpy(), temps.numpy())
+    assert torch.equal(torch.from_numpy(thr), torch.from_numpy(cpu_fused.kth_largest_rows(x.numpy(), ks.numpy())))
+    assert (ids == cpu_fused.sample_kept(x.numpy(), keys, m.numpy(), temps.numpy(), thr)).all()
+    batch = sample(x, top_k=ks, temperature=temps.double(), seeds=seeds, return_logprobs=True)
+    for r in range(0, rows, 7):
+        alone = sample(
+            x[r : r + 1], top_k=int(ks[r]), temperature=float(temps[r]), seeds=seeds[r : r + 1], return_logprobs=True
+        )
+        assert alone.ids.item() == batch.ids[r].item() and torch.equal(alone.logprobs, batch.logprobs[r : r + 1])

@@ -932,10 +932,17 @@ def _sample_rows_fused(
         col = torch.from_numpy(fused.sample_seeded(x.numpy(), seeds.contiguous(), temps))
         keep = None
     else:
-        thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
         keys = fused.row_keys(seeds.contiguous().numpy())
         t_x = temperature.to(cdtype).numpy()
-        col = torch.from_numpy(fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), t_x, thr.numpy()))
+        n, vocab = x.shape
+        k = torch.where(top_k > 0, torch.maximum(top_k, min_keep), 0)
+        only_k = (k > 0) & (k < vocab) & (top_p >= 1) & (min_p <= 0)  # then min_keep <= k' changes nothing
+        if n >= 2 * torch.get_num_threads() and bool(only_k.all()):  # top-k alone: one pass per row
+            ids, thr = fused.top_k_sample(x.numpy(), k.numpy(), keys, m.to(cdtype).numpy(), t_x)
+            col, thr = torch.from_numpy(ids), torch.from_numpy(thr)
+        else:
+            thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
+            col = torch.from_numpy(fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), t_x, thr.numpy()))
         keep = x >= thr.unsqueeze(-1) if want_logprobs else None
     if not want_logprobs:
         return col, torch.zeros(l.shape[0], dtype=cdtype)

@@ -1031,3 +1031,62 @@ def sample_above(x, keys, m, temps, lows, block):
         out[r] = bi
     return out
 
+
+
+@_jit(parallel=True)
+def top_k_sample_rows(x, ks, keys, m, temps, thresholds):
+    """Top-k sampling in one pass per row: ``thresholds[r]`` = the ks[r]-th largest value
+    (1 <= ks[r] <= n, repeats counted), and the token ``sample_above`` draws over
+    ``x >= thresholds[r]`` (the same scores, so the same token).
+
+    The SUB-element stretch maxima are read once and serve both the selection (as in
+    ``_heap_scan``) and the draw: only the stretches whose maximum reaches the threshold
+    (about k of them) are read again and get noise. Parallel over rows.
+    """
+    rows, n = x.shape
+    out = np.empty(rows, dtype=np.int64)
+    gmax = _like(G_MAX, x[0, 0])
+    for r in prange(rows):
+        xr = x[r]
+        k = ks[r]
+        ns = (n + SUB - 1) // SUB
+        smax = np.empty(ns, dtype=x.dtype)
+        for s in range(ns):
+            c = s * SUB
+            length = min(SUB, n - c)
+            smax[s] = _buf_max(xr[c:c + length], length)
+        low = -np.inf
+        if ns >= k:
+            hs = np.full(k, -np.inf, dtype=x.dtype)
+            _heap_push_all(smax, 0, ns, hs, k, -np.inf)
+            low = hs[0]
+        h = np.full(k, -np.inf, dtype=x.dtype)
+        for s in range(ns):
+            if smax[s] >= low and smax[s] > h[0]:
+                c = s * SUB
+                _heap_push_all(xr, c, min(n, c + SUB), h, k, low)
+        t = h[0]
+        thresholds[r] = t
+        mr = m[r]
+        tau = temps[r]
+        key = keys[r]
+        buf = np.empty(SUB, dtype=x.dtype)
+        bv = -np.inf
+        bi = -1
+        for s in range(ns):
+            cmx = smax[s]
+            if cmx < t or (bi >= 0 and (cmx - mr) / tau + gmax < bv):
+                continue
+            c = s * SUB
+            length = min(SUB, n - c)
+            _fill_perturbed_div(buf, xr, c, length, mr, tau, key, c)
+            for j in range(length):
+                buf[j] = buf[j] if xr[c + j] >= t else -np.inf
+            cm = _buf_max(buf, length)
+            if cm > bv or bi < 0:
+                idx = _first_index(buf, length, cm)
+                if idx >= 0:
+                    bv = cm
+                    bi = c + idx
+        out[r] = bi
+    return out

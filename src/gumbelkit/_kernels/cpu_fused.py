@@ -86,6 +86,7 @@ __all__ = [
     "mix64_int",
     "sample_kept",
     "sample_seeded",
+    "top_k_sample",
     "top_p_threshold",
 ]
 
@@ -604,3 +605,19 @@ def sample_kept(
 def row_keys(seeds: np.ndarray) -> np.ndarray:
     """The uint64 kernel keys ``mix64(seed)`` of int64 row seeds."""
     return _kernels().mix64_array(np.ascontiguousarray(seeds).view(np.uint64))
+
+
+def top_k_sample(
+    x: np.ndarray, ks: np.ndarray, keys: np.ndarray, row_max: np.ndarray, temperature: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k sampling, selection and draw in one pass per row: ``(ids, thresholds)`` with
+    ``thresholds`` the :func:`kth_largest` values and ``ids`` :func:`sample_kept`'s tokens over
+    ``x >= thresholds`` (the same scores: the same tokens). Parallel over rows only (for few
+    long rows, :func:`kth_largest` and :func:`sample_kept` split the rows into blocks).
+
+    No checks (for :func:`gumbelkit.sample`): ``1 <= ks[r] <= n`` int64, the other arguments
+    as for :func:`sample_kept`.
+    """
+    thresholds = np.empty(x.shape[0], dtype=x.dtype)
+    ids = _run("top_k_sample_rows", x.size, x, ks, keys, row_max, temperature, thresholds)
+    return ids, thresholds
