@@ -26,9 +26,8 @@ import torch
 
 from ._counter_noise import GAMMA, counter_gumbel, counter_uniform, mix64
 from ._kernels.dispatch import cpu_kernels
-from ._kernels.ops import register_random_op
+from ._kernels.ops import _neg_noise, draw_seed, register_random_op
 from ._validation import check_generator, check_logits, compute_dtype
-from .noise import gumbel_noise_like
 
 __all__ = ["SampleOutput", "sample"]
 
@@ -1011,7 +1010,8 @@ def _noise(
     assert noise_seed is not None
     seed = _mix64_int(int(noise_seed) + stream * GAMMA)  # = _stream_seed, as a Python int
     gen = torch.Generator(device=z.device).manual_seed(seed)
-    return gumbel_noise_like(z, generator=gen)
+    # gumbel_noise_like(z, generator=gen) without its operator's dispatch (z is float32/64)
+    return _neg_noise(draw_seed(gen, z.device), z.shape, z.dtype, z.device).neg_()
 
 
 def _gumbel_max(
