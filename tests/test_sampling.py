@@ -21,11 +21,23 @@ from scipy import stats
 import gumbelkit._counter_noise as cn
 import gumbelkit.sampling as sampling
 import reference as ref
+from gumbelkit._kernels import cpu_fused
 from gumbelkit.noise import gumbel_noise_like
 from gumbelkit.sampling import sample
 
-# every test runs on the default kernels (fused numba where installed) and on the torch path
+# every test runs on the fused numba kernels (where installed; else the default) and on the torch path
 pytestmark = pytest.mark.usefixtures("backend")
+FUSED = cpu_fused.available()
+
+
+@pytest.fixture(params=["fused", "torch"])
+def backend(request, monkeypatch):
+    """The fused kernels at every size (``GUMBELKIT_BACKEND=numba``: ``auto`` would send the
+    small inputs of most tests to the torch path), and the torch path."""
+    value = "torch" if request.param == "torch" else ("numba" if FUSED else "auto")
+    monkeypatch.setenv("GUMBELKIT_BACKEND", value)
+    return request.param
+
 
 NEG_INF = float("-inf")
 P_MIN = 1e-3
@@ -142,9 +154,7 @@ def tiny_candidates(monkeypatch):
 @pytest.mark.parametrize("top_p, min_p, seed", [(0.3, None, 0), (0.9, None, 1), (0.97, 0.02, 2)])
 def test_growing_candidates_match_processed_distribution(tiny_candidates, top_p, min_p, seed):
     logits = torch.randn(24, generator=gen(10 + seed))
-    ids = sample(
-        logits.expand(N_DRAWS, -1), top_p=top_p, min_p=min_p, seeds=torch.arange(N_DRAWS) * 7 + seed
-    )
+    ids = sample(logits.expand(N_DRAWS, -1), top_p=top_p, min_p=min_p, seeds=torch.arange(N_DRAWS) * 7 + seed)
     assert chi2_pvalue(ids, processed_probs(logits, top_p=top_p, min_p=min_p)) > P_MIN
 
 
@@ -162,9 +172,7 @@ def test_ties_at_the_boundary_are_kept(tiny_candidates, top_k, top_p):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes(dtype):
     logits = LOGITS.to(dtype)
-    ids = sample(
-        logits.expand(N_DRAWS, -1), temperature=0.8, top_p=0.9, seeds=torch.arange(N_DRAWS) + 5
-    )
+    ids = sample(logits.expand(N_DRAWS, -1), temperature=0.8, top_p=0.9, seeds=torch.arange(N_DRAWS) + 5)
     assert chi2_pvalue(ids, processed_probs(logits, temperature=0.8, top_p=0.9)) > P_MIN
 
 
@@ -292,9 +300,7 @@ def test_a_row_does_not_depend_on_its_neighbours():
     logits, params, seeds = _mixed_batch()
     base = sample(logits, seeds=seeds, **params)
     other = logits.clone()
-    other[1:] = (
-        torch.randn(63, logits.shape[1], generator=gen(10)) * 0.1
-    )  # flat neighbours: a full sort
+    other[1:] = torch.randn(63, logits.shape[1], generator=gen(10)) * 0.1  # flat neighbours: a full sort
     assert sample(other, seeds=seeds, **params)[0] == base[0]
 
 
@@ -459,9 +465,7 @@ def test_counter_uniform_is_its_formula():
 
 def test_counter_uniform_open_interval_at_the_extremes(monkeypatch):
     """The extreme hashes map to 2^-53 and 1 - 2^-53: never 0, never 1, Gumbel finite."""
-    monkeypatch.setattr(
-        cn, "_hash", lambda seeds, positions: torch.tensor([0, -1, 2**63 - 1, -(2**63)])
-    )
+    monkeypatch.setattr(cn, "_hash", lambda seeds, positions: torch.tensor([0, -1, 2**63 - 1, -(2**63)]))
     u = cn.counter_uniform(torch.tensor(0), torch.tensor(0))
     assert u[0] == 2.0**-53 and u[1] == 1 - 2.0**-53 and ((u > 0) & (u < 1)).all()
     g = cn.counter_gumbel(torch.tensor(0), torch.tensor(0))
@@ -521,9 +525,7 @@ def test_counter_noise_bad_input():
 )
 def test_docstring_examples(module):
     mod = __import__(module, fromlist=["_"])
-    result = doctest.testmod(
-        mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE
-    )
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -572,9 +574,7 @@ def test_two_way_ties_are_fair_at_any_scale_and_temperature(dtype, source, optio
     temps = [1.0, 1e-3, 1e-6, 1e-7, 1e-38, 1e-300]
     n = 3000
     groups = list(itertools.product(scales, temps))
-    rows = torch.cat(
-        [torch.tensor([s, s, s - max(abs(s) / 2, 2.0)], dtype=dtype).expand(n, -1) for s, _ in groups]
-    )
+    rows = torch.cat([torch.tensor([s, s, s - max(abs(s) / 2, 2.0)], dtype=dtype).expand(n, -1) for s, _ in groups])
     temperature = torch.tensor([t for _, t in groups], dtype=torch.float64).repeat_interleave(n)
     ids = _draw(rows, source, option, temperature=temperature, **OPTIONS[option]).view(len(groups), n)
     for g, (s, t) in enumerate(groups):
@@ -606,8 +606,7 @@ def test_huge_and_tiny_temperatures_do_not_raise(dtype):
         counts = torch.bincount(out.ids, minlength=5).tolist()
         assert counts[0] == counts[3] == counts[4] == 0
         _assert_fair(counts[1], counts[2], t)
-        assert torch.allclose(out.logprobs.double(), torch.full((4000,), -math.log(2), dtype=torch.float64),
-                              atol=1e-3)
+        assert torch.allclose(out.logprobs.double(), torch.full((4000,), -math.log(2), dtype=torch.float64), atol=1e-3)
     flat = sample(logits, temperature=1e30, seeds=torch.arange(4000))  # nearly uniform on 4 tokens
     assert torch.bincount(flat, minlength=5)[:4].min() > 800
 
@@ -758,9 +757,10 @@ def test_min_tokens_to_keep_matches_transformers(n):
         ours = sampling._kept_mask(
             logits, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p or 0.0, min_tokens_to_keep=n
         )
-        theirs = ref.hf_processed_probs(
-            logits, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p, min_tokens_to_keep=n
-        ) > 0
+        theirs = (
+            ref.hf_processed_probs(logits, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p, min_tokens_to_keep=n)
+            > 0
+        )
         assert torch.equal(ours, theirs), (top_k, top_p, min_p, t, n)
         assert (ours.sum(-1) >= n).all()
 
@@ -776,9 +776,7 @@ def test_min_tokens_to_keep_frequencies_and_ties():
     # more than the possible tokens: all possible tokens, never an impossible one
     ids = sample(logits.expand(1000, -1), top_k=1, min_tokens_to_keep=100, seeds=torch.arange(1000))
     assert ids.max() < 6
-    per_row = sample(
-        logits.expand(2, -1), top_k=1, min_tokens_to_keep=torch.tensor([1, 6]), seeds=torch.tensor([3, 4])
-    )
+    per_row = sample(logits.expand(2, -1), top_k=1, min_tokens_to_keep=torch.tensor([1, 6]), seeds=torch.tensor([3, 4]))
     assert per_row[0] == 0
 
 
@@ -857,8 +855,9 @@ def test_docs_sampling_examples_run(monkeypatch):
         exec(compile(block, "docs/sampling.md", "exec"), {"__name__": "docs_sampling"})
 
 
-@pytest.mark.skipif(not __import__("gumbelkit._kernels.cpu_fused", fromlist=["x"]).available(),
-                    reason="numba is not installed")
+@pytest.mark.skipif(
+    not __import__("gumbelkit._kernels.cpu_fused", fromlist=["x"]).available(), reason="numba is not installed"
+)
 def test_fused_whole_row_draw_is_the_seeded_kernel():
     # with numba, a whole-row draw is sample_seeded: argmax (x - max x) / T + G(seed_r, token id)
     from gumbelkit._kernels import cpu_fused
@@ -870,3 +869,111 @@ def test_fused_whole_row_draw_is_the_seeded_kernel():
     # generator mode: reproducible, and every row is its own counter stream
     a = sample(x, temperature=0.7, generator=gen(71))
     assert torch.equal(a, sample(x, temperature=0.7, generator=gen(71)))
+
+
+# ------------------------------------------------- the fused selection kernels (issue 13)
+
+needs_numba = pytest.mark.skipif(not FUSED, reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("rows, n", [(64, 5000), (2, 70_000), (3, 40), (1, 1)])
+def test_kth_largest_is_topk_with_ties_and_minus_inf(rows, n):
+    """The k-th largest value counting repeats, as torch.topk: ties, -inf entries, k from 1 to
+    n, whole rows and rows split into blocks (few rows) alike."""
+    g = gen(80 + n)
+    x = torch.randn(rows, n, generator=g) * 3
+    x[0, ::3] = x[0, ::3].round()  # many ties
+    x[-1, torch.rand(n, generator=g) < 0.3] = NEG_INF
+    for k in sorted({1, min(n, 2), min(n, 50), min(n, 1000), (n + 1) // 2, n}):
+        want = torch.topk(x, k).values[:, -1]
+        assert torch.equal(torch.from_numpy(cpu_fused.kth_largest(x.numpy(), k)), want), k
+    ks = torch.randint(0, n + 1, (rows,), generator=g)
+    got = torch.from_numpy(cpu_fused.kth_largest_rows(x.numpy(), ks.numpy()))
+    want = torch.stack(
+        [torch.topk(x[r], int(k)).values[-1] if k > 0 else torch.tensor(NEG_INF) for r, k in enumerate(ks)]
+    )
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="k must lie in"):
+        cpu_fused.kth_largest(x.numpy(), n + 1)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, n", [(64, 3000), (2, 70_000)])
+def test_sample_kept_is_sample_seeded_bit_for_bit(dtype, rows, n):
+    """The skipping draw of sample() returns sample_seeded's token for every threshold
+    (none, a top-k cut, a narrow cut, the row max), temperature and block split."""
+    g = gen(90 + n)
+    x = (torch.randn(rows, n, generator=g) * torch.linspace(0.1, 8, rows).unsqueeze(-1)).to(dtype)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (rows,), generator=g)
+    keys = cpu_fused.row_keys(seeds.numpy())
+    m = x.amax(-1)
+    for temps in (torch.ones(rows, dtype=dtype), torch.rand(rows, generator=g, dtype=dtype) * 2 + 1e-3):
+        for low in (
+            torch.full((rows,), NEG_INF, dtype=dtype),
+            torch.topk(x, 50).values[:, -1],
+            torch.topk(x, 2).values[:, -1],
+            m,
+        ):
+            want = cpu_fused.sample_seeded(x.numpy(), seeds, temps.numpy(), min_value=low.numpy())
+            got = cpu_fused.sample_kept(x.numpy(), keys, m.numpy(), temps.numpy(), low.numpy())
+            assert (got == want).all()
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["flat", "lm", "ties"])
+def test_fused_top_p_with_temperature_and_top_k_equals_the_sort_recipe(monkeypatch, kind):
+    """The fused kept set with temperature and a top-k floor (float64 masses over the top-k
+    survivors only) is the sort recipe's, on rows whose nucleus needs the sampled pivots."""
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "numba")
+    g = gen(95)
+    x = torch.randn(4, 30_000, generator=g)
+    logits = {"flat": x * 0.1, "lm": x * 4, "ties": (x * 20).round() / 20}[kind]
+    for t, k, p in [(0.7, 0, 0.9), (1.3, 20_000, 0.95), (1.0, 25_000, 0.5)]:
+        z = logits.double() / t
+        if k:
+            kth = torch.topk(logits, k).values[:, -1:]
+            z = z.masked_fill(logits < kth, NEG_INF)
+        want = _sort_reference_keep(z, p) & (z > NEG_INF)
+        assert torch.equal(sampling._kept_mask(logits, temperature=t, top_k=k, top_p=p), want), (t, k, p)
+
+
+def test_top_k_frequencies_with_ties_at_the_cut():
+    """top_k=50 on 400 tokens with tied values at the 50th: the kept set is every token >= the
+    50th largest, drawn at the renormalized softmax frequencies."""
+    g = gen(96)
+    values = torch.cat([torch.rand(40, generator=g) * 3 + 0.5, torch.zeros(30), -1 - torch.rand(330, generator=g)])
+    logits = values[torch.randperm(400, generator=g)]  # ranks 41-70 tie at 0
+    probs = processed_probs(logits, top_k=50)
+    assert (probs > 0).sum() == 70  # the tie at the cut is kept whole
+    ids = sample(logits.expand(60_000, -1), top_k=50, seeds=torch.arange(60_000) + 7)
+    assert chi2_pvalue(ids, probs) > P_MIN
+    ids = sample(logits.expand(60_000, -1), top_k=50, generator=gen(97))
+    assert chi2_pvalue(ids, probs) > P_MIN
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_sample_is_kth_largest_then_sample_kept(dtype):
+    """The one-pass top-k kernel returns kth_largest's thresholds and sample_kept's tokens, bit
+    for bit (ties at the k-th value, -inf entries, k from 1 to n), and sample(top_k=) gives a
+    row the same token in a batch (one-pass kernel) as alone (the two kernels)."""
+    g = gen(98)
+    rows, n = 48, 3000
+    x = (torch.randn(rows, n, generator=g) * torch.linspace(0.5, 6, rows).unsqueeze(-1)).to(dtype)
+    x[::5] = (x[::5] * 4).round() / 4
+    x[1, : n // 2] = NEG_INF
+    ks = torch.tensor([1, 2, 50, 700, n - 1, n] * 8)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (rows,), generator=g)
+    keys = cpu_fused.row_keys(seeds.numpy())
+    m, temps = x.amax(-1), torch.rand(rows, generator=g, dtype=dtype) + 0.3
+    ids, thr = cpu_fused.top_k_sample(x.numpy(), ks.numpy(), keys, m.numpy(), temps.numpy())
+    assert torch.equal(torch.from_numpy(thr), torch.from_numpy(cpu_fused.kth_largest_rows(x.numpy(), ks.numpy())))
+    assert (ids == cpu_fused.sample_kept(x.numpy(), keys, m.numpy(), temps.numpy(), thr)).all()
+    batch = sample(x, top_k=ks, temperature=temps.double(), seeds=seeds, return_logprobs=True)
+    for r in range(0, rows, 7):
+        alone = sample(
+            x[r : r + 1], top_k=int(ks[r]), temperature=float(temps[r]), seeds=seeds[r : r + 1], return_logprobs=True
+        )
+        assert alone.ids.item() == batch.ids[r].item() and torch.equal(alone.logprobs, batch.logprobs[r : r + 1])

@@ -3,9 +3,10 @@ r"""Next-token sampling for language models with the Gumbel-Max trick.
 :func:`sample` draws one token per row of ``(B, V)`` logits after the usual processing
 (temperature, top-k, top-p, min-p, ``min_tokens_to_keep``), exactly from the processed
 distribution. Every truncation is a threshold on the row's own logit values, found without
-sorting the vocabulary: top-k is one :func:`torch.topk`; top-p runs an exact histogram
-search for its threshold with float64 masses; the draw is a Gumbel-Max over the kept
-tokens, in float32 or better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
+sorting the vocabulary (fused numba kernels where they serve: a streaming k-th-largest
+selection and a quickselect by float64 mass; on the torch path :func:`torch.topk` and an
+exact histogram search); the draw is a Gumbel-Max over the kept tokens, in float32 or
+better, after shifting every row by its maximum. With ``seeds`` every row's token is a pure
 function of its own seed and logits (batch-invariant sampling; see
 :mod:`gumbelkit._counter_noise`).
 
@@ -25,9 +26,8 @@ import torch
 
 from ._counter_noise import GAMMA, counter_gumbel, counter_uniform, mix64
 from ._kernels.dispatch import cpu_kernels
-from ._kernels.ops import register_random_op
+from ._kernels.ops import _neg_noise, draw_seed, register_random_op
 from ._validation import check_generator, check_logits, compute_dtype
-from .noise import gumbel_noise_like
 
 __all__ = ["SampleOutput", "sample"]
 
@@ -120,9 +120,7 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
             kind = "an integer" if integer else "a floating-point"
             raise TypeError(f"{name} must be a number or {kind} tensor, got dtype {value.dtype}")
         if value.device != device:
-            raise ValueError(
-                f"{name} is on {value.device} but logits are on {device}; move it with .to()"
-            )
+            raise ValueError(f"{name} is on {value.device} but logits are on {device}; move it with .to()")
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
             raise ValueError(
                 f"{name} must be a scalar or a tensor of shape ({batch},) (one value per "
@@ -130,10 +128,7 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
             )
         return value.to(dtype).expand(batch).contiguous()
     if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
-        raise TypeError(
-            f"{name} must be {'an int' if integer else 'a float'} or a tensor, "
-            f"got {type(value).__name__}"
-        )
+        raise TypeError(f"{name} must be {'an int' if integer else 'a float'} or a tensor, got {type(value).__name__}")
     v = float(value)
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
@@ -158,13 +153,9 @@ def _check_seeds(seeds: object, batch: int, device: torch.device) -> torch.Tenso
             "e.g. torch.tensor(request_seeds, dtype=torch.int64)"
         )
     if seeds.shape != (batch,):
-        raise ValueError(
-            f"seeds must have shape ({batch},) (one seed per row), got {tuple(seeds.shape)}"
-        )
+        raise ValueError(f"seeds must have shape ({batch},) (one seed per row), got {tuple(seeds.shape)}")
     if seeds.device != device:
-        raise ValueError(
-            f"seeds are on {seeds.device} but logits are on {device}; move them with .to()"
-        )
+        raise ValueError(f"seeds are on {seeds.device} but logits are on {device}; move them with .to()")
     return seeds
 
 
@@ -215,12 +206,18 @@ def sample(
     tokens.
 
     How: every rule keeps the tokens at or above a value, so the kept set is
-    ``logits >= threshold`` per row. top-k is :func:`torch.topk` of ``k' + 1`` logits;
-    top-p without top-k finds its threshold with an exact histogram search (float64 masses
-    per bin of values, refined inside the bin that crosses ``p``, then the few tokens of that
-    bin sorted), so even a flat row, whose nucleus is most of the vocabulary, costs a few
-    passes instead of a sort. The noise is drawn for the kept tokens only when they are at
-    most an eighth of the vocabulary, else over the whole row with the threshold as a mask.
+    ``logits >= threshold`` per row. With the fused CPU kernels (numba; see
+    :mod:`gumbelkit._kernels.dispatch` for when they serve) the k-th largest values come from
+    a streaming selection, top-p's crossing value from a sort-free quickselect by float64
+    mass over the tokens that can be kept, and the draw is one pass that skips every stretch
+    of the row below the threshold or too low to win; the noise is the counter noise of the
+    token id, so the token is :func:`gumbelkit._kernels.cpu_fused.sample_seeded`'s with the
+    threshold as ``min_value``. The torch path takes top-k from :func:`torch.topk` of
+    ``k' + 1`` logits and top-p from an exact histogram search (float64 masses per bin of
+    values, refined inside the bin that crosses ``p``, then the few tokens of that bin
+    sorted), and draws noise for the kept tokens only when they are at most an eighth of the
+    vocabulary. Either way a flat row, whose nucleus is most of the vocabulary, costs a few
+    passes instead of a sort. Timings: ``docs/benchmarks.md`` (``benchmarks/sampling_bench.py``).
 
     Args:
         logits: ``(B, V)`` floating-point logits.
@@ -278,9 +275,7 @@ def sample(
     check_generator(generator, dev)
     seeds = _check_seeds(seeds, batch, dev)
     if seeds is not None and generator is not None:
-        raise ValueError(
-            "pass either seeds (counter-based, batch-invariant noise) or generator, not both"
-        )
+        raise ValueError("pass either seeds (counter-based, batch-invariant noise) or generator, not both")
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
     params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
@@ -309,11 +304,13 @@ def _check_data(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     min_tokens_to_keep: torch.Tensor,
-) -> None:
+    extra: tuple[torch.Tensor, ...] = (),
+) -> list[bool]:
     """Every check of :func:`_sample_impl` that reads tensor data, with one host sync.
 
     ``rowmax`` is ``logits.amax(-1)``: it is finite exactly when the row has no NaN, no
-    ``+inf`` and at least one finite logit (amax propagates NaN).
+    ``+inf`` and at least one finite logit (amax propagates NaN). ``extra``: ``(B,)`` boolean
+    tensors whose ``any()`` the caller needs on the host, read in the same sync; returns those.
     """
     inf = math.inf
     bad = {
@@ -324,9 +321,9 @@ def _check_data(
         "min_tokens_to_keep": min_tokens_to_keep < 1,
     }
     bad_rows = ~torch.isfinite(rowmax)
-    flags = torch.stack([b.any() for b in (*bad.values(), bad_rows)])
-    if not bool(flags.any()):
-        return
+    flags = torch.stack([*bad.values(), bad_rows, *extra]).any(-1).tolist()  # one reduction, one sync
+    if not any(flags[: len(bad) + 1]):
+        return flags[len(bad) + 1 :]
     values = {
         "temperature": temperature,
         "top_k": top_k,
@@ -387,14 +384,19 @@ def _sample_impl(
     if batch == 0:
         return ids, logprobs
     rowmax = logits.amax(-1)
-    _check_data(rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     greedy = temperature == 0
-    if bool(greedy.any()):
+    truncated = (top_k > 0) | (top_p < 1) | (min_p > 0) | (min_tokens_to_keep > 1)
+    any_greedy, any_truncated = _check_data(
+        rowmax, logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, (greedy, truncated)
+    )
+    if any_greedy:
         g = greedy.nonzero().flatten()
         ids[g] = (logits if len(g) == batch else logits[g]).argmax(-1)  # the lowest id
-    rows = (~greedy).nonzero().flatten()
-    if rows.numel() == 0:
-        return ids, logprobs
+        rows = (~greedy).nonzero().flatten()
+        if rows.numel() == 0:
+            return ids, logprobs
+    else:
+        rows = torch.arange(batch, device=dev)
     whole = rows.numel() == batch
     sub = logits if whole else logits[rows]
 
@@ -414,7 +416,10 @@ def _sample_impl(
         rows,
         vocab,
         return_logprobs,
+        any_truncated,
     )
+    if whole:
+        return tok, lp.to(cdtype)
     ids[rows] = tok
     if return_logprobs:
         logprobs[rows] = lp
@@ -422,18 +427,29 @@ def _sample_impl(
 
 
 @torch.library.custom_op("gumbelkit::sample", mutates_args=())
-def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               min_p: torch.Tensor, min_tokens_to_keep: torch.Tensor, seeds: torch.Tensor | None,
-               noise_seed: torch.Tensor | None, return_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_tokens_to_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    return_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_sample_impl` as a registered operator (compile, export, vmap and fake tensors see one call)."""
-    return _sample_impl(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed,
-                        return_logprobs)
+    return _sample_impl(
+        logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed, return_logprobs
+    )
 
 
 def _sample_fake(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep, seeds, noise_seed, return_logprobs):
     batch = logits.shape[0]
-    return (logits.new_empty((batch,), dtype=torch.int64),
-            logits.new_empty((batch,), dtype=compute_dtype(logits.dtype)))
+    return (
+        logits.new_empty((batch,), dtype=torch.int64),
+        logits.new_empty((batch,), dtype=compute_dtype(logits.dtype)),
+    )
 
 
 register_random_op(_sample_op, _sample_fake)
@@ -515,9 +531,7 @@ def _z64(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor) -> torch.T
     return z
 
 
-def _row_mass(
-    l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor
-) -> torch.Tensor:
+def _row_mass(l: torch.Tensor, m: torch.Tensor, temperature: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """``sum exp(z)`` over ``l >= floor`` per row, float64, summed sequentially (so it does not
     depend on the batch around the row), over chunks of rows."""
     n, vocab = l.shape
@@ -736,6 +750,11 @@ def _kept_mask(
     params = _row_params(batch, dev, temperature, top_k, top_p, min_p, min_tokens_to_keep)
     m = logits.amax(-1)
     _check_data(m, logits, *params)
+    fused = _fused_kernels(logits, params[0])
+    if fused is not None:
+        x = logits.to(compute_dtype(logits.dtype)).contiguous()
+        threshold = _fused_thresholds(fused, x, m, *params)
+        return (x >= threshold.unsqueeze(-1)) & (x > _NEG_INF)
     kept = _thresholds(logits, m, *params)
     return (logits >= kept.threshold.unsqueeze(-1)) & (logits > _NEG_INF)
 
@@ -753,11 +772,24 @@ def _sample_rows(
     rows: torch.Tensor,
     vocab: int,
     want_logprobs: bool,
+    truncated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows with ``T > 0``: thresholds, then a Gumbel-Max among the candidates when the kept
-    set lies among them, else over the whole row with the threshold as a mask."""
+    set lies among them, else over the whole row with the threshold as a mask.
+    ``truncated`` False: no row has top-k, top-p, min-p or ``min_tokens_to_keep > 1``."""
     n = l.shape[0]
     dev = l.device
+    fused = _fused_kernels(l, temperature)
+    if fused is not None:
+        return _sample_rows_fused(
+            fused, l, m, temperature, top_k, top_p, min_p, min_keep, seeds, noise_seed, rows, want_logprobs, truncated
+        )
+    if not truncated:  # the whole row, no threshold (what the groups below come to)
+        z = _scaled(l, m, temperature)
+        col = _gumbel_max(z, None, None, seeds, noise_seed, rows, vocab, _STREAM_ROWS)
+        if not want_logprobs:
+            return col, torch.zeros(n, dtype=z.dtype, device=dev)
+        return col, _logprob(z, None, None, col, vocab)
     kept = _thresholds(l, m, temperature, top_k, top_p, min_p, min_keep)
     thr = kept.threshold
     token = torch.empty(n, dtype=torch.int64, device=dev)
@@ -796,44 +828,124 @@ def _sample_rows(
             elif not bool(small.all()):
                 big = (~small).nonzero().flatten()
                 groups.append((index[big], v[big], None, keep[big], _STREAM_ROWS))
-    fused = cpu_kernels(l) if bool((temperature >= _FUSED_MIN_T).all()) else None
     for index, v, ids, keep, stream in groups:
         everyone = index.numel() == n
         t_i = temperature if everyone else temperature[index]
         m_i = m if everyone else m[index]
         s_i = None if seeds is None else (seeds if everyone else seeds[index])
-        if fused is not None and ids is None:  # a whole-row draw: one fused pass
-            low = None if keep is None else (thr if everyone else thr[index])
-            col = _fused_draw(fused, v, t_i, low, s_i, noise_seed, rows[index], stream)
-            z = _scaled(v, m_i, t_i) if want_logprobs else None
-        else:
-            z = _scaled(v, m_i, t_i)
-            col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
+        z = _scaled(v, m_i, t_i)
+        col = _gumbel_max(z, ids, keep, s_i, noise_seed, rows[index], vocab, stream)
         token[index] = col if ids is None else ids.gather(-1, col.unsqueeze(-1)).squeeze(-1)
         if want_logprobs:
             logprob[index] = _logprob(z, ids, keep, col, vocab)
     return token, logprob
 
 
-# The fused kernel divides by T in the compute dtype; below this the torch path keeps the limit exact.
+# The fused kernels divide by T in the compute dtype; below this the torch path keeps the limit exact.
 _FUSED_MIN_T = 1e-30
 
 
-def _fused_draw(fused, v: torch.Tensor, temperature: torch.Tensor, low: torch.Tensor | None,
-                seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, rows: torch.Tensor,
-                stream: int) -> torch.Tensor:
-    """``argmax_j (v_j - max v) / T + G(seed_r, j)`` over ``v >= low`` in one fused numba pass.
+def _fused_kernels(l: torch.Tensor, temperature: torch.Tensor):
+    """The fused numba kernels when they serve these rows (CPU, the backend's choice, every
+    ``T >= _FUSED_MIN_T``), else None."""
+    fused = cpu_kernels(l)
+    if fused is None or not bool((temperature >= _FUSED_MIN_T).all()):
+        return None
+    return fused
+
+
+def _fused_thresholds(
+    fused,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_thresholds` with the fused kernels, on ``x`` (the rows in the compute dtype,
+    C-contiguous): per row ``min(max(t_k, t_p, t_m), t_n)`` in ``x``'s dtype.
+
+    ``t_k`` and ``t_n`` are k-th largest values (a streaming selection, no sort); ``t_p`` is
+    the exact crossing value of the float64 masses ``exp((x - m) / T)`` over ``x >= t_k``
+    (a sort-free quickselect by mass, :func:`cpu_fused.top_p_threshold`); ``t_m`` is the
+    min-p bound rounded up to ``x``'s dtype.
+    """
+    n, vocab = x.shape
+    xn = x.numpy()
+    neg = torch.full((n,), _NEG_INF, dtype=x.dtype)
+    k = torch.where(top_k > 0, torch.maximum(top_k, min_keep), 0)
+    k = torch.where(k >= vocab, 0, k)
+    keep_n = min_keep.clamp(max=vocab)
+    m_x = m.to(x.dtype)
+    t_k = neg
+    if bool((k > 0).any()):
+        t_k = torch.from_numpy(fused.kth_largest_rows(xn, k.numpy()))
+    t_n = m_x
+    if bool((keep_n > 1).any()):
+        t_n = torch.from_numpy(fused.kth_largest_rows(xn, torch.where(keep_n > 1, keep_n, 0).numpy()))
+        t_n = torch.where(keep_n > 1, t_n, m_x)
+    t_p = neg
+    p_on = top_p < 1
+    if bool(p_on.any()):
+        ps = torch.where(p_on, top_p, 2.0)  # > 1: off
+        th, _ = fused.top_p_rows(xn, ps.numpy(), temperature.numpy(), t_k.double().numpy(), m.double().numpy())
+        t_p = torch.from_numpy(th).to(x.dtype)  # a value of x: exact
+    t_m = neg
+    if bool((min_p > 0).any()):
+        t_m = _round_up(m.double() + temperature * min_p.log(), x.dtype)
+    return torch.minimum(torch.maximum(torch.maximum(t_k, t_p), t_m), t_n)
+
+
+def _sample_rows_fused(
+    fused,
+    l: torch.Tensor,
+    m: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    min_keep: torch.Tensor,
+    seeds: torch.Tensor | None,
+    noise_seed: torch.Tensor | None,
+    rows: torch.Tensor,
+    want_logprobs: bool,
+    truncated: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sample_rows` with the fused kernels: the threshold of every row, then one
+    draw ``argmax_{x >= threshold} (x - m) / T + G(seed_r, token id)`` that skips the
+    stretches of the row that cannot win (:func:`cpu_fused.sample_kept`); without any
+    truncation, :func:`cpu_fused.sample_seeded` (the same token, bit for bit).
 
     Seeds mode uses each row's seed; generator mode gives row ``r`` of the batch the seed
     ``mix64(stream_seed + r * GAMMA)``, so both are counter streams with position = token id.
     """
-    x = v.to(compute_dtype(v.dtype)).contiguous()
+    cdtype = compute_dtype(l.dtype)
+    x = l.to(cdtype).contiguous()
     if seeds is None:
         assert noise_seed is not None
-        seeds = mix64(_stream_seed(noise_seed, stream) + rows * GAMMA)
-    lows = None if low is None else low.to(x.dtype).numpy()
-    ids = fused.sample_seeded(x.numpy(), seeds.contiguous(), temperature.to(x.dtype).numpy(), min_value=lows)
-    return torch.from_numpy(ids)
+        seeds = mix64(_stream_seed(noise_seed, _STREAM_ROWS) + rows * GAMMA)
+    if not truncated:
+        temps = None if not bool((temperature != 1).any()) else temperature.to(cdtype).numpy()
+        col = torch.from_numpy(fused.sample_seeded(x.numpy(), seeds.contiguous(), temps))
+        keep = None
+    else:
+        keys = fused.row_keys(seeds.contiguous().numpy())
+        t_x = temperature.to(cdtype).numpy()
+        n, vocab = x.shape
+        k = torch.where(top_k > 0, torch.maximum(top_k, min_keep), 0)
+        only_k = (k > 0) & (k < vocab) & (top_p >= 1) & (min_p <= 0)  # then min_keep <= k' changes nothing
+        if n >= 2 * torch.get_num_threads() and bool(only_k.all()):  # top-k alone: one pass per row
+            ids, thr = fused.top_k_sample(x.numpy(), k.numpy(), keys, m.to(cdtype).numpy(), t_x)
+            col, thr = torch.from_numpy(ids), torch.from_numpy(thr)
+        else:
+            thr = _fused_thresholds(fused, x, m, temperature, top_k, top_p, min_p, min_keep)
+            col = torch.from_numpy(fused.sample_kept(x.numpy(), keys, m.to(cdtype).numpy(), t_x, thr.numpy()))
+        keep = x >= thr.unsqueeze(-1) if want_logprobs else None
+    if not want_logprobs:
+        return col, torch.zeros(l.shape[0], dtype=cdtype)
+    return col, _logprob(_scaled(l, m, temperature), None, keep, col, l.shape[1])
 
 
 def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -876,6 +988,14 @@ def _stream_seed(noise_seed: torch.Tensor, stream: int) -> torch.Tensor:
     return mix64(x)[0]
 
 
+def _mix64_int(x: int) -> int:
+    """SplitMix64's finalizer on a Python int's low 64 bits (unsigned), ``mix64`` without tensors."""
+    z = x & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def _noise(
     z: torch.Tensor, pos: torch.Tensor, seeds: torch.Tensor | None, noise_seed: torch.Tensor | None, stream: int
 ) -> torch.Tensor:
@@ -888,9 +1008,10 @@ def _noise(
     if seeds is not None:
         return counter_gumbel(seeds.unsqueeze(-1), pos, dtype=torch.float64)
     assert noise_seed is not None
-    seed = int(_stream_seed(noise_seed, stream)) & (2**64 - 1)
+    seed = _mix64_int(int(noise_seed) + stream * GAMMA)  # = _stream_seed, as a Python int
     gen = torch.Generator(device=z.device).manual_seed(seed)
-    return gumbel_noise_like(z, generator=gen)
+    # gumbel_noise_like(z, generator=gen) without its operator's dispatch (z is float32/64)
+    return _neg_noise(draw_seed(gen, z.device), z.shape, z.dtype, z.device).neg_()
 
 
 def _gumbel_max(
@@ -923,9 +1044,7 @@ def _gumbel_max(
             u = counter_uniform(key.unsqueeze(-1), p)
         else:
             assert noise_seed is not None
-            u = counter_uniform(
-                _stream_seed(noise_seed, _STREAM_TIES), rows[tied].unsqueeze(-1) * vocab + p
-            )
+            u = counter_uniform(_stream_seed(noise_seed, _STREAM_TIES), rows[tied].unsqueeze(-1) * vocab + p)
         u = torch.where(score[tied] == best[tied], u, -1.0)
         col[tied] = u.argmax(-1, keepdim=True)
     return col.squeeze(-1)

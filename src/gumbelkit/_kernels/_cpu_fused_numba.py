@@ -654,109 +654,439 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
     return argmax
 
 
+# --------------------------------------------------------------------------- selection (top-p, top-k)
+
+SUB = 64  # elements per sub-chunk of the selection kernels (the unit of noise work they skip)
+SKIP = 256  # elements per stretch whose maximum decides a skip (fewer horizontal reductions)
+
+
 @_jit(parallel=True)
-def top_p_rows(x, p, is_probs, thresholds, counts):
+def top_p_rows(x, ps, temps, floors, ms, is_probs, thresholds, counts):
     """Exact nucleus threshold per row without a full sort (quickselect on the values).
 
-    Keeps token i iff B_i < p Z, B_i = sum of weights w_j > w_i, w = exp(x - max x) in
-    float64 (or the probabilities themselves), Z = sum w. ``thresholds[r]`` is the smallest
-    kept value of x, ``counts[r]`` the number of entries >= it (ties at the boundary kept).
+    Keeps token i iff B_i < p Z, B_i = sum of weights w_j > w_i over the tokens with
+    x >= floors[r], w = exp((x - m) / T) in float64 (or the probabilities themselves), Z =
+    their sum. ``thresholds[r]`` is the smallest kept value of x, ``counts[r]`` the number of
+    entries >= it (ties at the boundary kept). Per row: ``ps[r] > 1`` means top-p is off
+    (threshold -inf, count -1); ``ms[r]`` is the row max, or NaN to compute it here.
+    The sums are float64 in an order that depends on n only (batch-invariant).
     """
     rows, n = x.shape
     for r in prange(rows):
+        p = ps[r]
+        if p > 1.0:
+            thresholds[r] = -np.inf
+            counts[r] = -1
+            continue
         xr = x[r]
-        w = np.empty(n, dtype=np.float64)
+        fl = floors[r]
+        tau = np.float64(temps[r])
+        mx = ms[r]
+        if mx != mx:
+            mx = np.float64(_buf_max(xr, n))
+        Z = 0.0
         if is_probs:
             for j in range(n):
-                w[j] = np.float64(xr[j])
+                Z += np.float64(xr[j]) if xr[j] >= fl else 0.0
         else:
-            mx = _buf_max(xr, n)
-            mx64 = np.float64(mx)
-            for j in range(n):
-                w[j] = exp64(np.float64(xr[j]) - mx64)
-        Z = _buf_sum64(w, n)
+            Z = _exp_sum(xr, n, mx, tau, fl)
         target = p * Z
-        cx = np.empty(n, dtype=np.float64)
-        cw = np.empty(n, dtype=np.float64)
-        # Weights w <= (1 - p) Z / n are never kept (their preceding mass is >= p): drop them.
-        if p >= 1.0:  # every token of positive probability
+        if p >= 1.0:  # every token of positive weight
             lo_v = np.inf
             cnt = 0
             for j in range(n):
-                if w[j] > 0.0:
+                if xr[j] >= fl and _weight(xr[j], mx, tau, is_probs) > 0.0:
                     lo_v = min(lo_v, np.float64(xr[j]))
                     cnt += 1
             thresholds[r] = lo_v
             counts[r] = cnt
             continue
+        # Weights w <= (1 - p) Z / n are never kept (their preceding mass is >= p Z): drop them,
+        # first by value (a margin of 1e-6 in log space), then exactly by weight.
         cut = (1.0 - p) * Z / n * (1.0 - 1e-9)
+        if is_probs:
+            vcut = -np.inf
+        else:
+            vcut = mx + tau * (math.log(cut) - 1e-6) if cut > 0.0 else -np.inf
+        vcut = max(vcut, np.float64(fl))
+        cx = np.empty(n, dtype=np.float64)
+        cw = np.empty(n, dtype=np.float64)
         nc = 0
         for j in range(n):
-            if w[j] > cut:
-                cx[nc] = np.float64(xr[j])
-                cw[nc] = w[j]
-                nc += 1
-        above = 0.0  # mass of values above every candidate
-        count_above = 0
-        kept = np.inf
-        kept_count = 0
-        it = 0
-        while nc > 0:
-            it += 1
-            if it > 48:  # adversarial pivots: finish with a sort of what is left
-                order = np.argsort(-cx[:nc], kind="mergesort")
-                j = 0
-                while j < nc:
-                    v = cx[order[j]]
-                    s = 0.0
-                    k = j
-                    while k < nc and cx[order[k]] == v:
-                        s += cw[order[k]]
-                        k += 1
-                    if above < target:
-                        kept = v
-                        kept_count = count_above + (k - j)
-                    else:
-                        break
-                    above += s
-                    count_above += k - j
-                    j = k
-                break
+            v = np.float64(xr[j])
+            if v >= vcut:
+                w = _weight(xr[j], mx, tau, is_probs)
+                if w > cut:
+                    cx[nc] = v
+                    cw[nc] = w
+                    nc += 1
+        thresholds[r], counts[r] = _select_crossing(cx, cw, nc, target)
+    return thresholds
+
+
+@_jit(fastmath=_HELPER_MATH)
+def _weight(v, mx, tau, is_probs):
+    if is_probs:
+        return np.float64(v)
+    return exp64((np.float64(v) - mx) / tau)
+
+
+@_jit(fastmath=_REDUCE_MATH)
+def _exp_sum(xr, n, mx, tau, fl):
+    """sum of exp((x - m) / T) over x >= fl, float64, in an order fixed by n."""
+    s = 0.0
+    if tau == 1.0:
+        for j in range(n):
+            w = exp64(np.float64(xr[j]) - mx)
+            s += w if xr[j] >= fl else 0.0
+    else:
+        for j in range(n):
+            w = exp64((np.float64(xr[j]) - mx) / tau)
+            s += w if xr[j] >= fl else 0.0
+    return s
+
+
+@_jit()
+def _select_crossing(cx, cw, nc, target):
+    """The smallest value v among the candidates (cx, cw) whose mass strictly above is below
+    ``target``, and how many candidates are >= v (a selection by mass, expected linear time).
+
+    Large candidate sets are cut by two pivots bracketing the crossing, read off a sorted
+    sample of 512 candidates (Floyd and Rivest 1975): one pass usually leaves the few
+    percent between them. Small ones use median-of-three pivots; a sort finishes rows where
+    pivots keep failing. Every pass is branch-free (the candidate order is arbitrary).
+    """
+    above = 0.0  # mass of the values above every candidate
+    count_above = 0
+    kept = np.inf
+    kept_count = 0
+    it = 0
+    while nc > 0:
+        it += 1
+        if it > 48 or nc <= 16:  # few left, or adversarial pivots: sort what is left
+            order = np.argsort(-cx[:nc], kind="mergesort")
+            j = 0
+            while j < nc:
+                v = cx[order[j]]
+                s = 0.0
+                k = j
+                while k < nc and cx[order[k]] == v:
+                    s += cw[order[k]]
+                    k += 1
+                if above < target:
+                    kept = v
+                    kept_count = count_above + (k - j)
+                else:
+                    break
+                above += s
+                count_above += k - j
+                j = k
+            break
+        if nc > 4096 and it <= 8:
+            hi, lo = _bracket(cx, cw, nc, target - above)
+        else:
             a = cx[nc // 4]
             b = cx[nc // 2]
             c = cx[(3 * nc) // 4]
-            t = max(min(a, b), min(max(a, b), c))  # median of three
-            s_gt = 0.0
-            s_eq = 0.0
-            n_gt = 0
-            n_eq = 0
-            for j in range(nc):
-                if cx[j] > t:
-                    s_gt += cw[j]
-                    n_gt += 1
-                elif cx[j] == t:
-                    s_eq += cw[j]
-                    n_eq += 1
-            if above + s_gt < target:  # t is kept: look below it
-                kept = t
-                kept_count = count_above + n_gt + n_eq
-                above += s_gt + s_eq
-                count_above += n_gt + n_eq
-                k = 0
-                for j in range(nc):
-                    if cx[j] < t:
-                        cx[k] = cx[j]
-                        cw[k] = cw[j]
-                        k += 1
-                nc = k
-            else:  # t is not kept, nor anything below it
-                k = 0
-                for j in range(nc):
-                    if cx[j] > t:
-                        cx[k] = cx[j]
-                        cw[k] = cw[j]
-                        k += 1
-                nc = k
-        thresholds[r] = kept
-        counts[r] = kept_count
-    return thresholds
+            hi = max(min(a, b), min(max(a, b), c))  # median of three
+            lo = hi
+        # masses and counts of: v > hi, v == hi, lo < v < hi, v == lo (lo <= hi)
+        s_gt = 0.0
+        s_hi = 0.0
+        s_mid = 0.0
+        s_lo = 0.0
+        n_gt = 0
+        n_hi = 0
+        n_mid = 0
+        n_lo = 0
+        for j in range(nc):
+            v = cx[j]
+            w = cw[j]
+            g = v > hi
+            e = v == hi
+            md = (v > lo) & (v < hi)
+            el = (v == lo) & (lo < hi)
+            s_gt += w if g else 0.0
+            s_hi += w if e else 0.0
+            s_mid += w if md else 0.0
+            s_lo += w if el else 0.0
+            n_gt += np.int64(g)
+            n_hi += np.int64(e)
+            n_mid += np.int64(md)
+            n_lo += np.int64(el)
+        if above + s_gt >= target:  # hi is not kept: the crossing is above it
+            nc = _compact(cx, cw, nc, hi, np.inf)
+            continue
+        kept = hi  # hi is kept, and everything above it
+        above += s_gt + s_hi
+        count_above += n_gt + n_hi
+        kept_count = count_above
+        if lo == hi:
+            nc = _compact(cx, cw, nc, -np.inf, hi)
+            continue
+        if above + s_mid < target:  # lo is kept too: the crossing is below it
+            kept = lo
+            above += s_mid + s_lo
+            count_above += n_mid + n_lo
+            kept_count = count_above
+            nc = _compact(cx, cw, nc, -np.inf, lo)
+        else:  # the crossing lies strictly between lo and hi
+            nc = _compact(cx, cw, nc, lo, hi)
+    return kept, kept_count
+
+
+@_jit()
+def _compact(cx, cw, nc, lo, hi):
+    """Keep the candidates with lo < v < hi (in place, branch-free); returns their count."""
+    k = 0
+    for j in range(nc):
+        v = cx[j]
+        cx[k] = v
+        cw[k] = cw[j]
+        k += np.int64((v > lo) & (v < hi))
+    return k
+
+
+@_jit()
+def _bracket(cx, cw, nc, target):
+    """Two values ``hi >= lo`` among the candidates that likely bracket the crossing: from an
+    evenly spaced sample, sorted, its mass scaled to the candidates' (estimated)."""
+    s = 512
+    sv = np.empty(s, dtype=np.float64)
+    sw = np.empty(s, dtype=np.float64)
+    for i in range(s):
+        j = (i * nc) // s
+        sv[i] = cx[j]
+        sw[i] = cw[j]
+    order = np.argsort(-sv)
+    total = 0.0
+    for i in range(s):
+        total += sw[i]
+    # the candidates' mass, estimated from the sample: (nc / s) * total; find where the
+    # sample's scaled cumulative mass reaches target
+    scale = nc / s
+    cum = 0.0
+    pos = s - 1
+    for i in range(s):
+        cum += sw[order[i]] * scale
+        if cum >= target:
+            pos = i
+            break
+    d = 24
+    return sv[order[max(pos - d, 0)]], sv[order[min(pos + d, s - 1)]]
+
+
+@_jit()
+def _heap_replace_min(h, k, v):
+    """Replace the root of the min-heap h[:k] by v (> root) and restore the heap."""
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= k:
+            break
+        if c + 1 < k and h[c + 1] < h[c]:
+            c += 1
+        if h[c] >= v:
+            break
+        h[i] = h[c]
+        i = c
+    h[i] = v
+
+
+@_jit()
+def _heap_push_all(vals, lo, hi, h, k, floor):
+    """Push vals[lo:hi] entries > max(floor, heap min) through the min-heap h[:k] of the k
+    largest values seen (with multiplicity)."""
+    hmin = h[0]
+    for j in range(lo, hi):
+        v = vals[j]
+        if v > hmin and v >= floor:
+            _heap_replace_min(h, k, v)
+            hmin = h[0]
+
+
+@_jit()
+def _heap_scan(xr, lo, hi, h, k):
+    """Push xr[lo:hi] through the min-heap h[:k] of the k largest values (with multiplicity).
+
+    First the maximum of every SUB-element stretch (one vectorized read); the k-th largest of
+    those maxima, L, is a lower bound of the k-th largest value (they are k distinct
+    entries), so only the stretches whose maximum is >= L are read again (about k of them).
+    """
+    ns = (hi - lo + SUB - 1) // SUB
+    smax = np.empty(ns, dtype=xr.dtype)
+    for s in range(ns):
+        c = lo + s * SUB
+        length = min(SUB, hi - c)
+        smax[s] = _buf_max(xr[c:c + length], length)
+    low = -np.inf
+    if ns >= k:
+        hs = np.full(k, -np.inf, dtype=xr.dtype)
+        _heap_push_all(smax, 0, ns, hs, k, -np.inf)
+        low = hs[0]
+    for s in range(ns):
+        if smax[s] >= low and smax[s] > h[0]:
+            c = lo + s * SUB
+            _heap_push_all(xr, c, min(hi, c + SUB), h, k, low)
+
+
+@_jit(parallel=True)
+def kth_largest_rows(x, ks, block, out):
+    """out[r] = the ks[r]-th largest value of x[r] counting repeats (1 <= ks[r] <= n; ks[r]
+    <= 0 gives -inf), i.e. ``torch.topk(x[r], k).values[-1]``, without sorting.
+
+    Tasks are (row, block of ``block`` elements); each keeps its k largest values in a
+    min-heap, reading again only the stretches that can hold one (``_heap_scan``: about one
+    read pass in all), then the blocks' heaps of a row are merged.
+    The result is exact and does not depend on the block size.
+    """
+    rows, n = x.shape
+    nblk = (n + block - 1) // block
+    kmax = 1
+    for r in range(rows):
+        kmax = max(kmax, ks[r])
+    part = np.full((rows * nblk, kmax), -np.inf, dtype=x.dtype)
+    for t in prange(rows * nblk):
+        r = t // nblk
+        k = ks[r]
+        if k > 0:
+            lo = (t % nblk) * block
+            _heap_scan(x[r], lo, min(n, lo + block), part[t], k)
+    for r in prange(rows):
+        k = ks[r]
+        if k <= 0:
+            out[r] = -np.inf
+        elif nblk == 1:
+            out[r] = part[r, 0]
+        else:
+            h = np.full(k, -np.inf, dtype=x.dtype)
+            for b in range(nblk):
+                _heap_push_all(part[r * nblk + b], 0, k, h, k, -np.inf)
+            out[r] = h[0]
+    return out
+
+
+@_jit(parallel=True)
+def sample_above(x, keys, m, temps, lows, block):
+    """Per row, argmax_j ((x_j - m_r) / T_r + G(keys[r], j)) over x_j >= lows[r], ties to the
+    lowest index: the result of ``argmax_perturbed(x, keys, True, 0, temps, True, True, lows,
+    True)`` (the same helpers compute the same scores), with the row maxima ``m`` given.
+
+    Works in stretches of SKIP elements, then sub-chunks of SUB, and skips those that cannot
+    hold the winner: every entry below the row's low, or ``(max - m) / T + G_MAX`` below the
+    best score so far. With
+    a small kept set (top-k, a narrow nucleus) that leaves about one read pass, and noise for
+    the sub-chunks that hold kept tokens.
+    """
+    rows, n = x.shape
+    nblk = (n + block - 1) // block
+    best_v = np.empty(rows * nblk, dtype=x.dtype)
+    best_i = np.empty(rows * nblk, dtype=np.int64)
+    gmax = _like(G_MAX, x[0, 0])
+    for t in prange(rows * nblk):
+        r = t // nblk
+        lo = (t % nblk) * block
+        hi = min(n, lo + block)
+        buf = np.empty(SUB, dtype=x.dtype)
+        xr = x[r]
+        mr = m[r]
+        tau = temps[r]
+        low = lows[r]
+        key = keys[r]
+        bv = -np.inf
+        bi = -1
+        for s0 in range(lo, hi, SKIP):
+            s1 = min(SKIP, hi - s0)
+            smx = _buf_max(xr[s0:s0 + s1], s1)
+            if smx < low or (bi >= 0 and (smx - mr) / tau + gmax < bv):
+                continue
+            for c in range(s0, s0 + s1, SUB):
+                length = min(SUB, s0 + s1 - c)
+                cmx = _buf_max(xr[c:c + length], length)
+                if cmx < low:
+                    continue
+                if bi >= 0 and (cmx - mr) / tau + gmax < bv:
+                    continue
+                _fill_perturbed_div(buf, xr, c, length, mr, tau, key, c)
+                for j in range(length):
+                    buf[j] = buf[j] if xr[c + j] >= low else -np.inf
+                cm = _buf_max(buf, length)
+                if cm > bv or bi < 0:
+                    idx = _first_index(buf, length, cm)
+                    if idx >= 0:
+                        bv = cm
+                        bi = c + idx
+        best_v[t] = bv
+        best_i[t] = bi
+    out = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        bv = -np.inf
+        bi = -1
+        for b in range(nblk):
+            v = best_v[r * nblk + b]
+            i = best_i[r * nblk + b]
+            if i >= 0 and (bi < 0 or v > bv):
+                bv = v
+                bi = i
+        out[r] = bi
+    return out
+
+
+
+@_jit(parallel=True)
+def top_k_sample_rows(x, ks, keys, m, temps, thresholds):
+    """Top-k sampling in one pass per row: ``thresholds[r]`` = the ks[r]-th largest value
+    (1 <= ks[r] <= n, repeats counted), and the token ``sample_above`` draws over
+    ``x >= thresholds[r]`` (the same scores, so the same token).
+
+    The SUB-element stretch maxima are read once and serve both the selection (as in
+    ``_heap_scan``) and the draw: only the stretches whose maximum reaches the threshold
+    (about k of them) are read again and get noise. Parallel over rows.
+    """
+    rows, n = x.shape
+    out = np.empty(rows, dtype=np.int64)
+    gmax = _like(G_MAX, x[0, 0])
+    for r in prange(rows):
+        xr = x[r]
+        k = ks[r]
+        ns = (n + SUB - 1) // SUB
+        smax = np.empty(ns, dtype=x.dtype)
+        for s in range(ns):
+            c = s * SUB
+            length = min(SUB, n - c)
+            smax[s] = _buf_max(xr[c:c + length], length)
+        low = -np.inf
+        if ns >= k:
+            hs = np.full(k, -np.inf, dtype=x.dtype)
+            _heap_push_all(smax, 0, ns, hs, k, -np.inf)
+            low = hs[0]
+        h = np.full(k, -np.inf, dtype=x.dtype)
+        for s in range(ns):
+            if smax[s] >= low and smax[s] > h[0]:
+                c = s * SUB
+                _heap_push_all(xr, c, min(n, c + SUB), h, k, low)
+        t = h[0]
+        thresholds[r] = t
+        mr = m[r]
+        tau = temps[r]
+        key = keys[r]
+        buf = np.empty(SUB, dtype=x.dtype)
+        bv = -np.inf
+        bi = -1
+        for s in range(ns):
+            cmx = smax[s]
+            if cmx < t or (bi >= 0 and (cmx - mr) / tau + gmax < bv):
+                continue
+            c = s * SUB
+            length = min(SUB, n - c)
+            _fill_perturbed_div(buf, xr, c, length, mr, tau, key, c)
+            for j in range(length):
+                buf[j] = buf[j] if xr[c + j] >= t else -np.inf
+            cm = _buf_max(buf, length)
+            if cm > bv or bi < 0:
+                idx = _first_index(buf, length, cm)
+                if idx >= 0:
+                    bv = cm
+                    bi = c + idx
+        out[r] = bi
+    return out

@@ -56,6 +56,8 @@ Kernel results
 * :func:`sample_seeded`: per-row seeds, position = token id, optional per-row temperature
   ``argmax_j (x_j - m) / T + G_j`` (division, so ``T -> 0`` gives the greedy limit).
 * :func:`top_p_threshold`: exact nucleus threshold in float64 masses without a full sort.
+* :func:`kth_largest`: the k-th largest value per row (a top-k threshold) without a sort.
+* :func:`sample_kept`: :func:`sample_seeded` with ``min_value``, skipping what cannot win.
 
 Masked entries (``-inf``) are never drawn and get probability 0 / log-probability ``-inf``.
 Every row must have a finite maximum (no NaN, no ``+inf``, not all ``-inf``): validation is
@@ -79,9 +81,12 @@ __all__ = [
     "gumbel_noise",
     "gumbel_softmax",
     "gumbel_topk",
+    "kth_largest",
     "log_gumbel_softmax",
     "mix64_int",
+    "sample_kept",
     "sample_seeded",
+    "top_k_sample",
     "top_p_threshold",
 ]
 
@@ -456,10 +461,18 @@ def gumbel_topk(x: np.ndarray, seed: int, k: int, offset: int = 0) -> tuple[np.n
     return values.numpy(), indices.numpy()
 
 
-def top_p_threshold(x: np.ndarray, p: float, *, probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def top_p_threshold(
+    x: np.ndarray,
+    p: float | np.ndarray,
+    *,
+    probs: bool = False,
+    temperature: object = None,
+    min_value: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Exact nucleus (top-p) threshold per row without sorting the vocabulary.
 
-    With weights :math:`w = e^{x - \max x}` in float64 (or ``w = x`` when ``probs``) and
+    With weights :math:`w = e^{(x - \max x) / T}` in float64 (or ``w = x`` when ``probs``)
+    over the entries with ``x >= min_value`` (the others are out, as after a top-k cut) and
     :math:`Z = \sum w`, token ``i`` is kept iff :math:`\sum_{w_j > w_i} w_j < p Z`: the most
     probable tokens until their mass reaches ``p``; the token that crosses ``p`` is kept and so
     is every token tied with it (gumbelkit's convention, Holtzman et al. 2020). transformers'
@@ -467,19 +480,22 @@ def top_p_threshold(x: np.ndarray, p: float, *, probs: bool = False) -> tuple[np
     its choice depends on the sort order (it can keep only some of them). A pivot search
     (quickselect with median-of-three pivots, after dropping every weight below
     ``(1 - p) Z / n``, which can never be kept) finds the smallest kept value in expected
-    linear time; a sort finishes rows where pivots keep failing.
+    linear time; a sort finishes rows where pivots keep failing. ``Z`` is summed in an order
+    that depends on ``n`` only, so a row's threshold does not depend on the batch.
 
     Args:
         x: C-contiguous (rows, n) float32/float64 logits (``-inf`` = masked) or probabilities.
-        p: float in (0, 1].
+        p: float in (0, 1], or a (rows,) array of them.
         probs: ``x`` holds (possibly unnormalized) probabilities instead of logits.
+        temperature: None (1), a positive float or a (rows,) array (logits only).
+        min_value: optional (rows,) array: entries below it are not part of the row.
 
     Returns:
         ``(threshold, count)``: float64 (rows,) smallest kept value of ``x`` (keep
         ``x >= threshold``) and int64 (rows,) number of kept tokens.
 
     Raises:
-        ValueError: p outside (0, 1].
+        ValueError: p outside (0, 1], bad shapes. TypeError: bad array types.
 
     Example:
         >>> x = np.log(np.array([[0.5, 0.3, 0.2], [0.7, 0.15, 0.15]], np.float32))
@@ -488,9 +504,120 @@ def top_p_threshold(x: np.ndarray, p: float, *, probs: bool = False) -> tuple[np
         [2, 3]
     """
     x = _as_array(x, "x")
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < float(p) <= 1.0:
+    rows = x.shape[0]
+    if isinstance(p, np.ndarray):
+        ps = _row_array(p, rows, np.float64, "p")
+        if not np.all((ps > 0) & (ps <= 1)):
+            raise ValueError(f"p must lie in (0, 1], got {ps[~((ps > 0) & (ps <= 1))][:4]}")
+    elif isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < float(p) <= 1.0:
         raise ValueError(f"p must be a float in (0, 1], got {p!r}")
+    else:
+        ps = np.full(rows, float(p))
+    temps = np.ones(rows) if temperature is None else _per_row(temperature, rows, np.float64, "temperature")
+    floors = np.full(rows, -np.inf) if min_value is None else _row_array(min_value, rows, np.float64, "min_value")
+    return top_p_rows(x, ps, temps, floors, np.full(rows, np.nan), bool(probs))
+
+
+def _row_array(value: object, rows: int, dtype: type, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.shape not in ((rows,), (rows, 1)):
+        raise ValueError(f"{name} must have one value per row ({rows},), got {arr.shape}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=dtype)
+
+
+def top_p_rows(
+    x: np.ndarray, ps: np.ndarray, temps: np.ndarray, floors: np.ndarray, row_max: np.ndarray, probs: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_p_threshold` on checked float64 (rows,) arrays, without the checks (for
+    :func:`gumbelkit.sample`): ``ps[r] > 1`` turns the row off (threshold ``-inf``),
+    ``row_max[r]`` NaN means "compute it"."""
     thresholds = np.empty(x.shape[0], dtype=np.float64)
     counts = np.empty(x.shape[0], dtype=np.int64)
-    _run("top_p_rows", x.size, x, float(p), bool(probs), thresholds, counts)
+    _run("top_p_rows", x.size, x, ps, temps, floors, row_max, bool(probs), thresholds, counts)
     return thresholds, counts
+
+
+def kth_largest(x: np.ndarray, k: object) -> np.ndarray:
+    """The k-th largest value of each row, counting repeats: ``torch.topk(x, k).values[:, -1]``.
+
+    A streaming selection (a min-heap of the k best values per row and block, skipping every
+    256-element stretch whose maximum does not beat the heap's minimum, so after a short
+    warm-up it costs about one read of the row), parallel over rows and blocks of long rows.
+
+    Args:
+        x: C-contiguous (rows, n) float32/float64 array without NaN.
+        k: int or (rows,) int array, ``1 <= k <= n`` (``k <= 0`` in an array gives ``-inf``).
+
+    Returns:
+        (rows,) array of x's dtype.
+
+    Raises:
+        ValueError: ``k > n``, bad shapes. TypeError: bad array types.
+
+    Example:
+        >>> x = np.array([[3.0, 1.0, 3.0, 2.0]], np.float32)
+        >>> kth_largest(x, 2).tolist(), kth_largest(x, 3).tolist()  # ties count
+        ([3.0], [2.0])
+    """
+    x = _as_array(x, "x")
+    rows, n = x.shape
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer, np.ndarray)):
+        raise TypeError(f"k must be an int or an int array, got {type(k).__name__}")
+    ks = np.full(rows, int(k), dtype=np.int64) if not isinstance(k, np.ndarray) else _row_array(k, rows, np.int64, "k")
+    if ks.max() > n or (not isinstance(k, np.ndarray) and ks[0] < 1):
+        raise ValueError(f"k must lie in [1, {n}], got {k!r}")
+    return kth_largest_rows(x, ks)
+
+
+def kth_largest_rows(x: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """:func:`kth_largest` on a checked (rows,) int64 ``ks``, without the checks."""
+    out = np.empty(x.shape[0], dtype=x.dtype)
+    _run("kth_largest_rows", x.size, x, ks, _block(x), out)
+    return out
+
+
+def _block(x: np.ndarray) -> int:
+    """Elements per parallel task of the selection kernels: whole rows when there are enough
+    rows to keep the threads busy, else blocks (the results do not depend on it)."""
+    rows, n = x.shape
+    return n if rows >= 4 * max(1, torch.get_num_threads()) else max(4096, min(n, 16384))
+
+
+def sample_kept(
+    x: np.ndarray,
+    keys: np.ndarray,
+    row_max: np.ndarray,
+    temperature: np.ndarray,
+    min_value: np.ndarray,
+) -> np.ndarray:
+    """``argmax_j (x_j - m_r) / T_r + G(seed_r, j)`` over ``x_j >= min_value[r]``: the token of
+    :func:`sample_seeded` with ``min_value``, bit for bit, with the row maxima given and
+    stretches of the row that cannot win skipped (all below ``min_value``, or too low to win
+    with the largest noise), so a small kept set costs about one read of the row.
+
+    No checks (for :func:`gumbelkit.sample`): ``x`` C-contiguous float32/float64, ``keys`` the
+    uint64 ``mix64(seed)`` of each row (``mix64_array``), the other arrays (rows,) of x's dtype
+    with ``T > 0`` and ``min_value <= m``.
+    """
+    return _run("sample_above", x.size, x, keys, row_max, temperature, min_value, _block(x))
+
+
+def row_keys(seeds: np.ndarray) -> np.ndarray:
+    """The uint64 kernel keys ``mix64(seed)`` of int64 row seeds."""
+    return _kernels().mix64_array(np.ascontiguousarray(seeds).view(np.uint64))
+
+
+def top_k_sample(
+    x: np.ndarray, ks: np.ndarray, keys: np.ndarray, row_max: np.ndarray, temperature: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k sampling, selection and draw in one pass per row: ``(ids, thresholds)`` with
+    ``thresholds`` the :func:`kth_largest` values and ``ids`` :func:`sample_kept`'s tokens over
+    ``x >= thresholds`` (the same scores: the same tokens). Parallel over rows only (for few
+    long rows, :func:`kth_largest` and :func:`sample_kept` split the rows into blocks).
+
+    No checks (for :func:`gumbelkit.sample`): ``1 <= ks[r] <= n`` int64, the other arguments
+    as for :func:`sample_kept`.
+    """
+    thresholds = np.empty(x.shape[0], dtype=x.dtype)
+    ids = _run("top_k_sample_rows", x.size, x, ks, keys, row_max, temperature, thresholds)
+    return ids, thresholds
