@@ -414,7 +414,8 @@ def _softmax_forward(
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """A differentiable all-reduce (sum) with the module's timeout; its adjoint is itself."""
+    """A differentiable all-reduce (sum) with the module's timeout. It is linear and its own
+    adjoint: backward and jvp all-reduce the gradient or tangent; vmap all-reduces the batch."""
 
     @staticmethod
     def forward(x, group, timeout, what):
@@ -429,6 +430,16 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.timeout, ctx.what), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        return _AllReduceSum.apply(tangent.contiguous(), ctx.group, ctx.timeout, ctx.what)
+
+    @staticmethod
+    def vmap(info, in_dims, x, group, timeout, what):
+        if in_dims[0] is None:
+            return _AllReduceSum.apply(x, group, timeout, what), None
+        return _AllReduceSum.apply(x.movedim(in_dims[0], 0).contiguous(), group, timeout, what), 0
 
 
 class VocabParallelGumbelSoftmax(torch.autograd.Function):
@@ -491,8 +502,9 @@ class VocabParallelGumbelSoftmax(torch.autograd.Function):
         cdtype = compute_dtype(y.dtype)
         yc = y.to(cdtype)
         dz = dlogits.to(cdtype) / ctx.tau
-        inner = (dz * yc).sum(-1, dtype=torch.float64)
-        _run("vocab_parallel_gumbel_softmax jvp", ctx.group, ctx.timeout, dist.all_reduce, inner)
+        inner = _AllReduceSum.apply(
+            (dz * yc).sum(-1, dtype=torch.float64), ctx.group, ctx.timeout, "vocab_parallel_gumbel_softmax jvp"
+        )
         dy = (yc * (dz - inner.to(cdtype).unsqueeze(-1))).to(y.dtype)
         return (dy, dy) if ctx.hard else dy
 
