@@ -354,7 +354,7 @@ def _logits(batch, vocab, dtype, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba", "auto"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_local_operator_on_shards_gives_the_token_of_sample(monkeypatch, backend, dtype):
     monkeypatch.setenv("GUMBELKIT_BACKEND", backend)
     per_row = torch.linspace(0, 2, 16)  # row 0 greedy

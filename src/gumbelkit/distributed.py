@@ -19,15 +19,20 @@ each rank computes the very floats ``sample`` compares. That takes the GLOBAL ro
 ``sample``'s arithmetic (``(l - m) / T`` in the compute dtype plus float64 counter noise on
 its torch path, or the fused kernel's float32 transform of the same SplitMix64 stream where
 ``sample`` would use it: same backend rule, decided on the whole ``(B', V)`` rows) and its tie
-rule (torch path: a uniform keyed by ``(seed, token id)``; fused: the lowest id). The rank-local
-steps are the registered operators of :mod:`gumbelkit._kernels.vocab_parallel`.
+rule (torch path: a uniform keyed by ``(seed, token id)``; fused: the lowest id). Tested on CPU
+tensors over gloo with 1, 2 and 3 ranks (uneven and empty shards) for float32, float16, bfloat16
+and float64 logits and scalar, per-row, greedy and tiny temperatures. Not covered:
+top-k/top-p/min-p (not offered here) and ``return_logprobs``. The rank-local steps are the
+registered operators of :mod:`gumbelkit._kernels.vocab_parallel`.
 
-Collectives stay outside the operators, in this module's Python. So the local steps compile,
-export and ``vmap`` (``torch.ops.gumbelkit.vocab_parallel_max_local`` and
-``..._softmax_local``); the whole functions run in eager mode, under ``no_grad``,
-``inference_mode``, checkpointing and a non-``fullgraph`` ``torch.compile`` (which runs the
-collectives eagerly between graphs), but not under ``fullgraph``/``export``/``vmap``/meta/fake
-tensors (see docs/compose.md).
+Collectives stay outside the operators, in this module's Python. So the local steps compile
+(also ``fullgraph``), export, ``vmap`` and run on meta and fake tensors, their checks raising
+the same ``ValueError`` (``torch.ops.gumbelkit.vocab_parallel_max_local`` in the composability
+matrix; both operators pass ``opcheck``); the whole functions run in eager mode, under
+``no_grad``, ``inference_mode``, autocast, checkpointing and a default or ``dynamic``
+``torch.compile`` (which runs the collectives eagerly between graphs), the softmax also under
+``torch.func.grad``/``jacrev``/``jvp`` and forward AD, but not under ``fullgraph``, export,
+``vmap``, meta or fake tensors (docs/compose.md says what each would need).
 
 Every collective here has a timeout; a rank that dies or stops calling raises a
 ``RuntimeError`` that says so on the others instead of hanging them. Bad input found on one

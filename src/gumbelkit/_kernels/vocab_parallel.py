@@ -148,7 +148,7 @@ def vocab_parallel_max_op(
     s, m, t = (seeds, shift, temperature) if whole else (seeds[rows], shift[rows], temperature[rows])
     fused = _fused_for(sub, t, vocab)
     if fused is not None:
-        x = sub.to(compute_dtype(sub.dtype)).contiguous()
+        x = sub.detach().to(compute_dtype(sub.dtype)).contiguous()
         ids, best = fused.sample_seeded(
             x.numpy(),
             s.contiguous(),
