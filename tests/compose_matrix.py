@@ -143,6 +143,13 @@ def _vp_local_step(x: torch.Tensor) -> torch.Tensor:
     return vp.vocab_parallel_max_op(x.detach(), _vp_seeds(x), shift, temps, 3, width + 5)[2]
 
 
+def _vp_local_softmax(x: torch.Tensor) -> torch.Tensor:
+    """The rank-local softmax operator alone: the shard's unnormalized Gumbel-Softmax at offset 3."""
+    batch, width = x.shape
+    shift = x.detach().amax(-1).double() + 1.0 if width else torch.zeros(batch, dtype=torch.float64, device=x.device)
+    return vp.vocab_parallel_softmax_op(x.detach(), _vp_seeds(x), shift, 0.7, 3)[0]
+
+
 ROWS: dict[str, Row] = {
     "gumbel_softmax": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g)),
     "gumbel_softmax hard": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, hard=True, generator=g)),
@@ -192,6 +199,8 @@ ROWS: dict[str, Row] = {
                                                       group=_GROUP), generator=False, random=False),
     "distributed local step (op vocab_parallel_max_local)": Row(
         lambda x, g: _vp_local_step(x), differentiable=False, generator=False, random=False),
+    "distributed local step (op vocab_parallel_softmax_local)": Row(
+        lambda x, g: _vp_local_softmax(x), differentiable=False, generator=False, random=False),
     "torch F.gumbel_softmax": Row(lambda x, g: F.gumbel_softmax(x, 0.7), generator=False, torch_baseline=True),
     "torch F.gumbel_softmax hard": Row(lambda x, g: F.gumbel_softmax(x, 0.7, hard=True), generator=False,
                                        torch_baseline=True),
