@@ -517,9 +517,6 @@ _VOCAB_PARALLEL = {
                  "timeout, and the validation of the gathered table inside an operator",
     "export": "export traces with fake tensors, and gloo collectives need real data; would need functional "
               "collectives in the graph plus the validation of the gathered table inside an operator",
-    "vmap same": "the collectives get BatchedTensors (the softmax's autograd.Function has no vmap rule since its "
-                 "forward holds collectives); would need a vmap rule that folds the vmapped dimension into the "
-                 "batch on every rank alike",
     "meta": "a collective cannot run on meta tensors; would need a meta path that skips the collectives and "
             "returns the shapes (the local operators have one)",
     "FakeTensor": "the validation reads the gathered table on the host, and gloo needs real memory; would need an "

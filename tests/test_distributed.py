@@ -157,6 +157,14 @@ def _equality(rank: int, world: int) -> dict:
                 report[f"max_{backend}_{name}_{trial}"] = torch.equal(mine, sample(logits, seeds=s, **kwargs))
     os.environ["GUMBELKIT_BACKEND"] = "torch"
 
+    # vmap folds its dimension into the batch: three different problems in one call
+    stack = torch.stack([full, full.flip(-1), full * 0.5])
+    many = torch.stack([seeds, seeds + 1, seeds + 2])
+    vm = torch.func.vmap(lambda x, s: gd.vocab_parallel_gumbel_max(x, seeds=s, vocab_offset=a, timeout=20))(
+        stack[:, :, a:b], many
+    )
+    report["vmap"] = all(torch.equal(vm[i], sample(stack[i], seeds=many[i])) for i in range(3))
+
     # Exact score ties (zero noise, torch path): sample breaks them with a uniform keyed by
     # (seed, token id); the ranks must pick the same token, not the lowest id.
     tied = torch.zeros(batch, vocab)
@@ -487,6 +495,19 @@ def test_a_backend_group_without_init_process_group():
         gd.vocab_parallel_gumbel_max(full, seeds=seeds, vocab_offset=0, temperature=torch.ones(3), group=group)
     with pytest.raises(ValueError, match="tau must be a positive finite float"):
         gd.vocab_parallel_gumbel_softmax(full, 0.0, seeds=seeds, vocab_offset=0, group=group)
+    # vmap: the vmapped dimension is folded into the batch, seeds batched or not
+    stack = torch.stack([full, full.flip(-1), full * 0.5])
+    many = torch.stack([seeds, seeds + 1, seeds + 2])
+    vm = torch.func.vmap(lambda x, s: gd.vocab_parallel_gumbel_max(x, seeds=s, vocab_offset=0, group=group))(
+        stack, many
+    )
+    assert all(torch.equal(vm[i], sample(stack[i], seeds=many[i])) for i in range(3))
+    soft = torch.func.vmap(
+        lambda x: gd.vocab_parallel_gumbel_softmax(x, 0.5, hard=True, seeds=seeds, vocab_offset=0, group=group)
+    )(stack)
+    for i in range(3):
+        one = gd.vocab_parallel_gumbel_softmax(stack[i], 0.5, hard=True, seeds=seeds, vocab_offset=0, group=group)
+        assert torch.equal(soft[i], one)
     assert not dist.is_initialized()
 
 

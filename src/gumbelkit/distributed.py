@@ -30,9 +30,10 @@ Collectives stay outside the operators, in this module's Python. So the local st
 the same ``ValueError`` (``torch.ops.gumbelkit.vocab_parallel_max_local`` in the composability
 matrix; both operators pass ``opcheck``); the whole functions run in eager mode, under
 ``no_grad``, ``inference_mode``, autocast, checkpointing and a default or ``dynamic``
-``torch.compile`` (which runs the collectives eagerly between graphs), the softmax also under
+``torch.compile`` (which runs the collectives eagerly between graphs) and ``torch.func.vmap`` (a vmap rule folds the
+vmapped dimension into the batch: every rank must vmap alike), the softmax also under
 ``torch.func.grad``/``jacrev``/``jvp`` and forward AD, but not under ``fullgraph``, export,
-``vmap``, meta or fake tensors (docs/compose.md says what each would need).
+meta or fake tensors (docs/compose.md says what each would need).
 
 Every collective here has a timeout; a rank that dies or stops calling raises a
 ``RuntimeError`` that says so on the others instead of hanging them. Bad input found on one
@@ -380,16 +381,47 @@ def vocab_parallel_gumbel_max(
         True
         >>> dist.destroy_process_group()
     """
-    what = "vocab_parallel_gumbel_max"
     logits, seeds, offset, timeout = _check_args(local_logits, seeds, vocab_offset, group, timeout, validate)
     temps = _check_temperature(temperature, logits.shape[0], logits.device)
     with torch.no_grad():
-        logits = logits.detach()
+        return _VocabParallelMax.apply(logits.detach(), seeds, temps, offset, group, timeout, validate)
+
+
+def _fold(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """``t`` with the vmapped dimension ``dim`` (None: unbatched, repeated ``n`` times) folded into
+    its first (batch) dimension: ``(n * B, ...)``."""
+    t = t.unsqueeze(0).expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+class _VocabParallelMax(torch.autograd.Function):
+    """The whole of :func:`vocab_parallel_gumbel_max` after the argument checks, as one call, so
+    that ``vmap`` folds its dimension into the batch (every rank must vmap alike; the batch-size
+    check catches ranks that do not). Not differentiable."""
+
+    @staticmethod
+    def forward(logits, seeds, temps, offset, group, timeout, validate):
+        what = "vocab_parallel_gumbel_max"
         if validate:
             _check_batch(logits.shape[0], logits.device, group, timeout, what)
         shift, vocab = _global_stats(logits, seeds, temps, offset, group, timeout, what, "temperature")
         score, tie, gid = vocab_parallel_max_op(logits, seeds, shift, temps, offset, vocab)
         return _global_winner(score, tie, gid, (), group, timeout, what)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * 7
+
+    @staticmethod
+    def vmap(info, in_dims, logits, seeds, temps, offset, group, timeout, validate):
+        n = info.batch_size
+        args = [_fold(t, d, n) for t, d in zip((logits, seeds, temps), in_dims[:3], strict=True)]
+        out = _VocabParallelMax.apply(*args, offset, group, timeout, validate)
+        return out.view(n, out.shape[0] // n), 0
 
 
 def _softmax_forward(
@@ -473,6 +505,17 @@ class VocabParallelGumbelSoftmax(torch.autograd.Function):
         one_hot = torch.zeros_like(y)
         one_hot[rows, local[rows]] = 1.0
         return one_hot, y
+
+    @staticmethod
+    def vmap(info, in_dims, logits, seeds, offset, tau, hard, group, timeout, validate):
+        # fold the vmapped dimension into the batch (every rank must vmap alike)
+        n = info.batch_size
+        x, s = _fold(logits, in_dims[0], n), _fold(seeds, in_dims[1], n)
+        out = VocabParallelGumbelSoftmax.apply(x, s, offset, tau, hard, group, timeout, validate)
+        shape = (n, x.shape[0] // n, x.shape[1])
+        if hard:
+            return tuple(o.view(shape) for o in out), (0, 0)
+        return out.view(shape), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
