@@ -491,8 +491,8 @@ class VocabParallelGumbelSoftmax(torch.autograd.Function):
         jvp:       dy    = (1/tau) * y * (dl - <dl, y>)
 
     The backward is plain torch ops plus a differentiable all-reduce (:class:`_AllReduceSum`),
-    so double backward works (every rank must run it). No vmap rule: the forward holds
-    collectives.
+    so double backward works (every rank must run it). The vmap rule folds the vmapped
+    dimension into the batch and calls the collectives once (every rank must vmap alike).
     """
 
     @staticmethod
