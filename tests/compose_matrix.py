@@ -9,6 +9,7 @@ docs/compose.md). ``torch`` rows are the baselines gumbelkit must match or beat,
 from __future__ import annotations
 
 import copy
+import datetime
 import io
 import math
 import pickle
@@ -23,7 +24,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.checkpoint import checkpoint
 
 import gumbelkit as gk
+from gumbelkit import distributed as gd
 from gumbelkit import estimators
+from gumbelkit._kernels import vocab_parallel as vp
 
 BIG = 2**21  # elements: past the parallel-noise threshold
 
@@ -144,6 +147,30 @@ def _baseline_relaxed(x, g):
     return d.rsample()
 
 
+# The vocab-parallel rows run on a one-rank gloo group that needs no init_process_group (so the
+# tests that expect torch.distributed to be uninitialized are unaffected).
+_GROUP = torch.distributed.ProcessGroupGloo(torch.distributed.HashStore(), 0, 1, datetime.timedelta(seconds=60))
+
+
+def _vp_seeds(x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(x.shape[0], device=x.device)
+
+
+def _vp_local_step(x: torch.Tensor) -> torch.Tensor:
+    """The rank-local operator alone, on a shard at offset 3 of a vocabulary of V + 5 tokens."""
+    batch, width = x.shape
+    temps = torch.full((batch,), 0.8, dtype=torch.float64, device=x.device)
+    shift = x.detach().amax(-1).double() + 1.0 if width else torch.zeros(batch, dtype=torch.float64, device=x.device)
+    return vp.vocab_parallel_max_op(x.detach(), _vp_seeds(x), shift, temps, 3, width + 5)[2]
+
+
+def _vp_local_softmax(x: torch.Tensor) -> torch.Tensor:
+    """The rank-local softmax operator alone: the shard's unnormalized Gumbel-Softmax at offset 3."""
+    batch, width = x.shape
+    shift = x.detach().amax(-1).double() + 1.0 if width else torch.zeros(batch, dtype=torch.float64, device=x.device)
+    return vp.vocab_parallel_softmax_op(x.detach(), _vp_seeds(x), shift, 0.7, 3)[0]
+
+
 ROWS: dict[str, Row] = {
     "gumbel_softmax": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, generator=g)),
     "gumbel_softmax hard": Row(lambda x, g: gk.gumbel_softmax(x, 0.7, hard=True, generator=g)),
@@ -184,6 +211,19 @@ ROWS: dict[str, Row] = {
     "structured.gumbel_sinkhorn": Row(lambda x, g: gk.gumbel_sinkhorn(x, tau=0.7, n_iters=5, generator=g),
                                       shape=(2, 4, 4)),
     **{f"estimators {m}": _estimator_row(m) for m in estimators.available()},
+    "distributed.vocab_parallel_gumbel_max": Row(
+        lambda x, g: gd.vocab_parallel_gumbel_max(x, seeds=_vp_seeds(x), vocab_offset=0, temperature=0.8,
+                                                  group=_GROUP), differentiable=False, generator=False, random=False),
+    "distributed.vocab_parallel_gumbel_softmax": Row(
+        lambda x, g: gd.vocab_parallel_gumbel_softmax(x, 0.7, seeds=_vp_seeds(x), vocab_offset=0, group=_GROUP),
+        generator=False, random=False),
+    "distributed.vocab_parallel_gumbel_softmax hard": Row(
+        lambda x, g: gd.vocab_parallel_gumbel_softmax(x, 0.7, hard=True, seeds=_vp_seeds(x), vocab_offset=0,
+                                                      group=_GROUP), generator=False, random=False),
+    "distributed local step (op vocab_parallel_max_local)": Row(
+        lambda x, g: _vp_local_step(x), differentiable=False, generator=False, random=False),
+    "distributed local step (op vocab_parallel_softmax_local)": Row(
+        lambda x, g: _vp_local_softmax(x), differentiable=False, generator=False, random=False),
     "torch F.gumbel_softmax": Row(lambda x, g: F.gumbel_softmax(x, 0.7), generator=False, torch_baseline=True),
     "torch F.gumbel_softmax hard": Row(lambda x, g: F.gumbel_softmax(x, 0.7, hard=True), generator=False,
                                        torch_baseline=True),
@@ -489,9 +529,25 @@ COLUMNS: dict[str, Callable[[Row], None]] = {
 
 # Cells that fail, with what they would need. The test marks them xfail(strict=True): a cell
 # that starts passing must be moved out of this table.
+# The whole vocab-parallel functions hold collectives in Python between the rank-local operators
+# (which pass every cell: row "distributed local step").
+_VOCAB_PARALLEL = {
+    "fullgraph": "the collectives run with async_op=True and a timed wait (a dead rank raises instead of hanging), "
+                 "which dynamo does not trace; would need traceable functional collectives without the per-call "
+                 "timeout, and the validation of the gathered table inside an operator",
+    "export": "export traces with fake tensors, and gloo collectives need real data; would need functional "
+              "collectives in the graph plus the validation of the gathered table inside an operator",
+    "meta": "a collective cannot run on meta tensors; would need a meta path that skips the collectives and "
+            "returns the shapes (the local operators have one)",
+    "FakeTensor": "the validation reads the gathered table on the host, and gloo needs real memory; would need an "
+                  "operator with a fake implementation around the whole function, collectives included",
+}
 UNSUPPORTED: dict[tuple[str, str], str] = {
     ("torch multinomial(softmax)", "vmap same"): "torch's multinomial has no batching rule for randomness='same' "
                                                  "with a batched input (gumbelkit's sample passes this cell)",
+    **{(f"distributed.{fn}", col): why
+       for fn in ("vocab_parallel_gumbel_max", "vocab_parallel_gumbel_softmax", "vocab_parallel_gumbel_softmax hard")
+       for col, why in _VOCAB_PARALLEL.items()},
 }
 
 

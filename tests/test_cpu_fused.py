@@ -258,6 +258,84 @@ def test_sample_seeded_is_argmax_of_counter_noise(dtype):
     assert np.array_equal(cf.sample_seeded(x, seeds, temps), perturbed_ref(x, g, temps))
 
 
+def seeded_scores_ref(x: np.ndarray, seeds: np.ndarray, temps, shift, offset: int = 0) -> np.ndarray:
+    """(x - shift) / T + G(seed_r, offset + j) in x's dtype, as sample_seeded rounds it."""
+    g = np.stack([cf.gumbel_noise(np.empty(x.shape[1], x.dtype), int(s), offset=offset) for s in seeds])
+    z = x - shift.reshape(-1, 1).astype(x.dtype)
+    if temps is not None:
+        z = z / np.broadcast_to(np.asarray(temps), (x.shape[0],)).reshape(-1, 1).astype(x.dtype)
+    return z + g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [None, 0.7, "rows"])
+@pytest.mark.parametrize("with_min", [False, True])
+@pytest.mark.parametrize(("n", "cut"), [(2_500, 1_000), (40_000, 17_001)])
+def test_sample_seeded_vocabulary_shards_give_the_whole_row_draw(dtype, temperature, with_min, n, cut):
+    """Issue 13 (dist): shards [0, cut) and [cut, n) sampled with offset and the global max as
+    shift; the shard winner of larger score (the first shard on equal scores) is the whole row's
+    token, and the returned scores are the exact values compared."""
+    rng = np.random.default_rng(13)
+    rows = 96
+    x = (rng.standard_normal((rows, n)) * rng.uniform(0.05, 3.0, (rows, 1))).astype(dtype)
+    x[:, rng.integers(0, n, n // 10)] = -np.inf  # masked tokens in both shards
+    x[5, :cut] = -np.inf  # a row whose first shard is fully masked
+    x[6, cut:] = -np.inf  # and one whose second is
+    seeds = rng.integers(-(2**63), 2**63 - 1, rows, dtype=np.int64)
+    temps = rng.uniform(0.3, 2.0, rows) if temperature == "rows" else temperature
+    low = np.nanquantile(np.where(np.isfinite(x), x, np.nan), 0.6, axis=1) if with_min else None
+    low_a = None if low is None else low.copy()
+    whole, whole_score = cf.sample_seeded(x, seeds, temps, min_value=low, return_score=True)
+    m = x.max(axis=1)
+    a, b = np.ascontiguousarray(x[:, :cut]), np.ascontiguousarray(x[:, cut:])
+    ia, sa = cf.sample_seeded(a, seeds, temps, min_value=low_a, shift=m, return_score=True)
+    ib, sb = cf.sample_seeded(b, seeds, temps, min_value=low, offset=cut, shift=m, return_score=True)
+    assert sa.dtype == sb.dtype == x.dtype
+    merged = np.where(sb > sa, ib + cut, ia)
+    assert np.array_equal(merged, whole)
+    assert np.array_equal(np.maximum(sa, sb), whole_score)
+    assert np.all(np.isfinite(whole_score))
+    assert 0.2 < np.mean(merged < cut) < 0.8  # both shards win some rows: the test can fail
+    # the scores are the exact reference values at the winners
+    ref = seeded_scores_ref(x, seeds, temps, m)
+    if low is not None:
+        ref = np.where(x >= low.astype(dtype)[:, None], ref, -np.inf)
+    assert np.array_equal(whole, np.argmax(ref, axis=1))
+    assert np.array_equal(whole_score, ref[np.arange(rows), whole])
+    assert sa[5] == -np.inf and sb[6] == -np.inf  # a fully masked shard scores -inf and loses
+    assert merged[5] >= cut and merged[6] < cut
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_seeded_offset_and_shift_semantics(dtype):
+    rng = np.random.default_rng(14)
+    x = (rng.standard_normal((7, 20_000)) * 2).astype(dtype)
+    seeds = rng.integers(0, 2**62, 7, dtype=np.int64)
+    temps = rng.uniform(0.5, 1.5, 7)
+    plain = cf.sample_seeded(x, seeds, temps)
+    ids, scores = cf.sample_seeded(x, seeds, temps, return_score=True)
+    assert np.array_equal(ids, plain)  # shift=None, offset=0: unchanged
+    ref = seeded_scores_ref(x, seeds, temps, x.max(axis=1))
+    assert np.array_equal(plain, np.argmax(ref, axis=1))
+    assert np.array_equal(scores, ref[np.arange(7), plain])
+    assert np.array_equal(cf.sample_seeded(x, seeds, temps, shift=x.max(axis=1)), plain)
+    # offset: column j gets the noise of token offset + j
+    ref = seeded_scores_ref(x, seeds, temps, x.max(axis=1), offset=12_345)
+    assert np.array_equal(cf.sample_seeded(x, seeds, temps, offset=12_345), np.argmax(ref, axis=1))
+    # a shift above the max: the argmax of (x - shift) / T + G as written
+    shift = x.max(axis=1).astype(np.float64) + rng.uniform(0, 50, 7)
+    ids, scores = cf.sample_seeded(x, seeds, temps, shift=shift, return_score=True)
+    ref = seeded_scores_ref(x, seeds, temps, shift.astype(dtype))
+    assert np.array_equal(ids, np.argmax(ref, axis=1))
+    assert np.array_equal(scores, ref.max(axis=1))
+    with pytest.raises(ValueError, match="offset"):
+        cf.sample_seeded(x, seeds, offset=-1)
+    with pytest.raises(ValueError, match="shift must have one value per row"):
+        cf.sample_seeded(x, seeds, shift=np.zeros(3))
+    with pytest.raises(ValueError, match="shift must be finite"):
+        cf.sample_seeded(x, seeds, shift=np.full(7, np.inf))
+
+
 def softmax64(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     e = np.exp(x - x.max())

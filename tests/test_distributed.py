@@ -11,6 +11,7 @@ instead of hanging. The DDP test launches this file itself under ``torchrun`` (s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue as queue_module
@@ -22,12 +23,14 @@ import traceback
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gumbelkit.distributed as gd
-from gumbelkit import _ddp
+from gumbelkit import _ddp, sampling
 from gumbelkit._counter_noise import counter_gumbel
+from gumbelkit._kernels import vocab_parallel as vp
 from gumbelkit._kernels.gumbel_softmax import gumbel_softmax_from_noise
 from gumbelkit.sampling import sample
 
@@ -68,10 +71,7 @@ def launch(fn, world: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = gd.free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, port, queue), daemon=True)
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results, end = {}, time.monotonic() + DEADLINE
@@ -81,9 +81,7 @@ def launch(fn, world: int) -> dict:
                 rank, status, payload = queue.get(timeout=0.5)
             except queue_module.Empty:
                 silent = [p for r, p in enumerate(procs) if r not in results]
-                assert time.monotonic() < end, (
-                    f"no report from ranks {sorted(set(range(world)) - set(results))}"
-                )
+                assert time.monotonic() < end, f"no report from ranks {sorted(set(range(world)) - set(results))}"
                 assert any(p.is_alive() for p in silent) or not queue.empty(), (
                     f"ranks {sorted(set(range(world)) - set(results))} exited without reporting "
                     f"(exit codes {[p.exitcode for p in silent]})"
@@ -128,46 +126,91 @@ def _equality(rank: int, world: int) -> dict:
     full[0, :] = float("-inf")  # a row whose only possible tokens live on the last rank
     full[0, -2:] = 0.0
     full[1, 500:] = float("-inf")  # a row whose last ranks hold no possible token
+    full[2] += 1e4  # large logits: without the global shift the scores would round differently
+    per_row = torch.rand(batch, generator=gen) * 2
+    per_row[::5] = 0.0  # greedy rows
+    # 8 x 5003 = 40024 elements: past the fused-kernel size, so "auto" takes the numba path there
+    wide = torch.randn(8, 5003, generator=gen) * 2
+    wcuts = _bounds(5003, world)
+    wa, wb = wcuts[rank], wcuts[rank + 1]
 
-    for name, logits, ref_logits, kwargs in (
-        ("plain", full, full, {}),
-        ("half", full.half(), full.half(), {}),
-        ("temperature", full / 0.7, full, {"temperature": 0.7}),
-    ):
-        for trial in range(3):
-            s = seeds + trial
-            mine = gd.vocab_parallel_gumbel_max(
-                logits[:, a:b], seeds=s, vocab_offset=a, timeout=20, validate=trial != 1
-            )
-            report[f"max_{name}_{trial}"] = torch.equal(mine, sample(ref_logits, seeds=s, **kwargs))
+    for backend in ("torch", "numba", "auto"):
+        os.environ["GUMBELKIT_BACKEND"] = backend
+        cases = [
+            ("plain", full, a, b, seeds, {}),
+            ("half", full.half(), a, b, seeds, {}),
+            ("bf16", full.bfloat16(), a, b, seeds, {}),
+            ("float64", full.double(), a, b, seeds, {}),
+            ("temperature", full, a, b, seeds, {"temperature": 0.7}),
+            ("per_row_temperature", full, a, b, seeds, {"temperature": per_row}),
+            ("tiny_temperature", full, a, b, seeds, {"temperature": 1e-40}),
+            ("wide", wide, wa, wb, seeds[:8], {"temperature": 0.9}),
+        ]
+        if backend != "torch":  # the dtypes' arithmetic is covered per backend in-process (below)
+            cases = [c for c in cases if c[0] in ("plain", "per_row_temperature", "wide")]
+        for name, logits, lo, hi, s0, kwargs in cases:
+            for trial in range(2 if name == "plain" else 1):
+                s = s0 + trial
+                mine = gd.vocab_parallel_gumbel_max(
+                    logits[:, lo:hi], seeds=s, vocab_offset=lo, timeout=20, validate=trial != 1, **kwargs
+                )
+                report[f"max_{backend}_{name}_{trial}"] = torch.equal(mine, sample(logits, seeds=s, **kwargs))
+    os.environ["GUMBELKIT_BACKEND"] = "torch"
 
-    # Exact score ties (zero noise): the lowest global id must win, on every layout.
-    saved = gd.counter_gumbel
-    gd.counter_gumbel = lambda seeds, ids, dtype: torch.zeros(len(seeds), len(ids), dtype=dtype)
+    # vmap folds its dimension into the batch: three different problems in one call
+    stack = torch.stack([full, full.flip(-1), full * 0.5])
+    many = torch.stack([seeds, seeds + 1, seeds + 2])
+    vm = torch.func.vmap(lambda x, s: gd.vocab_parallel_gumbel_max(x, seeds=s, vocab_offset=a, timeout=20))(
+        stack[:, :, a:b], many
+    )
+    report["vmap"] = all(torch.equal(vm[i], sample(stack[i], seeds=many[i])) for i in range(3))
+
+    # Exact score ties (zero noise, torch path): sample breaks them with a uniform keyed by
+    # (seed, token id); the ranks must pick the same token, not the lowest id.
+    tied = torch.zeros(batch, vocab)
+    tied[:, 700:] = 1.0
+    tied[:, 5] = 1.0
+    saved = vp.counter_gumbel, sampling.counter_gumbel
+    zero = lambda seeds, ids, dtype: torch.zeros(len(seeds), len(ids), dtype=dtype)  # noqa: E731
+    vp.counter_gumbel = sampling.counter_gumbel = zero
     try:
-        tied = torch.zeros(batch, vocab)
-        tied[:, 700:] = 1.0
-        tied[:, 5] = 1.0
         mine = gd.vocab_parallel_gumbel_max(tied[:, a:b], seeds=seeds, vocab_offset=a)
-        report["ties_lowest_id"] = mine.tolist() == [5] * batch
+        report["ties_as_sample"] = torch.equal(mine, sample(tied, seeds=seeds))
+        report["ties_spread"] = len(set(mine.tolist())) > 10  # uniform among the 310 maxima
     finally:
-        gd.counter_gumbel = saved
+        vp.counter_gumbel, sampling.counter_gumbel = saved
+    greedy = gd.vocab_parallel_gumbel_max(tied[:, a:b], seeds=seeds, vocab_offset=a, temperature=0.0)
+    report["greedy_ties_lowest_id"] = greedy.tolist() == [5] * batch
 
-    # Gumbel-Softmax: the shard of the single-process sample on the same noise, and its gradient.
-    noise = counter_gumbel(seeds.unsqueeze(-1), torch.arange(vocab), dtype=torch.float32)
+    # Gumbel-Softmax: the shard of the single-process sample on the same (float64) noise, its
+    # gradient, double backward and forward-mode derivative, against float64 references.
+    noise = counter_gumbel(seeds.unsqueeze(-1), torch.arange(vocab), dtype=torch.float64)
     weights = torch.randn(batch, vocab, generator=gen)
+    weights2 = torch.randn(batch, vocab, generator=gen)
+    tangent = torch.randn(batch, vocab, generator=gen)
     for tau, hard in ((0.5, False), (2.0, True)):
-        x = full.clone().requires_grad_()
+        x = full.double().requires_grad_()
         ref = gumbel_softmax_from_noise(x, tau, noise.clone(), None, hard, -1)
-        (ref * weights).sum().backward()
-        mine_x = full[:, a:b].clone().requires_grad_()
-        mine = gd.vocab_parallel_gumbel_softmax(
-            mine_x, tau, hard, seeds=seeds, vocab_offset=a, timeout=20
+        (g_ref,) = torch.autograd.grad((ref * weights).sum(), x, create_graph=True)
+        (gg_ref,) = torch.autograd.grad((g_ref * weights2).sum(), x)
+        _, jvp_ref = torch.func.jvp(
+            lambda t, tau=tau: gumbel_softmax_from_noise(t, tau, noise.clone(), None, False, -1),
+            (full.double(),),
+            (tangent.double(),),
         )
-        (mine * weights[:, a:b]).sum().backward()
-        report[f"softmax_{tau}_{hard}_err"] = _max_error(mine, ref[:, a:b])
-        report[f"softmax_{tau}_{hard}_grad_err"] = _max_error(mine_x.grad, x.grad[:, a:b])
-        report[f"softmax_{tau}_{hard}_shape"] = mine.shape == (batch, b - a)
+        mine_x = full[:, a:b].clone().requires_grad_()
+        mine = gd.vocab_parallel_gumbel_softmax(mine_x, tau, hard, seeds=seeds, vocab_offset=a, timeout=20)
+        (g,) = torch.autograd.grad((mine * weights[:, a:b]).sum(), mine_x, create_graph=True)
+        (gg,) = torch.autograd.grad((g * weights2[:, a:b]).sum(), mine_x)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(full[:, a:b].clone(), tangent[:, a:b])
+            out = gd.vocab_parallel_gumbel_softmax(dual, tau, hard, seeds=seeds, vocab_offset=a, timeout=20)
+            jvp = fwAD.unpack_dual(out).tangent
+        report[f"softmax_{tau}_{hard}_err"] = _max_error(mine.double(), ref[:, a:b])
+        report[f"softmax_{tau}_{hard}_grad_err"] = _max_error(g.double(), g_ref[:, a:b])
+        report[f"softmax_{tau}_{hard}_double_backward_err"] = _max_error(gg.double(), gg_ref[:, a:b])
+        report[f"softmax_{tau}_{hard}_jvp_err"] = _max_error(jvp.double(), jvp_ref[:, a:b])
+        report[f"softmax_{tau}_{hard}_shape"] = mine.shape == (batch, b - a) and mine.dtype == torch.float32
         if hard:
             winners = gd.vocab_parallel_gumbel_max(full[:, a:b], seeds=seeds, vocab_offset=a)
             expect = torch.nn.functional.one_hot(winners, vocab).float()[:, a:b]
@@ -181,6 +224,9 @@ BAD_CASES = {
     "seeds": "seeds differ between ranks",
     "empty": r"row\(s\) \[2\] have no possible token",
     "batch": "different batch sizes",
+    "temperature": "temperature differs between ranks",
+    "bad_temperature": r"temperature must be finite and >= 0, got \[nan\]",
+    "inf": r"NaN or \+inf on rank\(s\) \[0\]",
 }
 
 
@@ -189,6 +235,7 @@ def _bad_input(rank: int) -> dict:
     messages = {}
     for case in BAD_CASES:
         logits, seeds, offset = torch.randn(4, 10), torch.arange(4), 10 * rank
+        temperature = torch.ones(4)
         if case == "nan" and rank == 1:
             logits[2, 3] = float("nan")
         if case == "overlap":
@@ -198,9 +245,15 @@ def _bad_input(rank: int) -> dict:
         if case == "empty":
             logits[2] = float("-inf")
         if case == "batch" and rank == 1:  # without the size check gloo would abort rank 0
-            logits, seeds = logits[:3], seeds[:3]
+            logits, seeds, temperature = logits[:3], seeds[:3], temperature[:3]
+        if case == "temperature" and rank == 1:
+            temperature[1] = 0.5
+        if case == "bad_temperature":
+            temperature[3] = float("nan")
+        if case == "inf" and rank == 0:
+            logits[1, 1] = float("inf")
         try:
-            gd.vocab_parallel_gumbel_max(logits, seeds=seeds, vocab_offset=offset, timeout=20)
+            gd.vocab_parallel_gumbel_max(logits, seeds=seeds, vocab_offset=offset, temperature=temperature, timeout=20)
             messages[case] = None
         except ValueError as err:  # raised after the collective: the group stays usable
             messages[case] = str(err)
@@ -219,9 +272,7 @@ def _scenarios(rank, world, port, send):
         time.sleep(60)  # killed by the parent once the others have reported
     start = time.monotonic()
     try:
-        gd.vocab_parallel_gumbel_max(
-            torch.randn(2, 5), seeds=torch.arange(2), vocab_offset=5 * rank, timeout=TIMEOUT
-        )
+        gd.vocab_parallel_gumbel_max(torch.randn(2, 5), seeds=torch.arange(2), vocab_offset=5 * rank, timeout=TIMEOUT)
         report["failure"] = None
     except RuntimeError as err:
         report["failure"] = str(err)
@@ -255,13 +306,9 @@ def test_dead_or_stalled_rank_gives_clear_error_quickly(reports):
     survivors = [r for r in reports.values() if "failure" in r]
     assert len(survivors) == len(reports) - 1
     for report in survivors:
-        assert report["failure"] is not None, (
-            "the collective returned although a rank never joined it"
-        )
+        assert report["failure"] is not None, "the collective returned although a rank never joined it"
         assert f"a rank died, or did not call it within {TIMEOUT:g} s" in report["failure"]
-        assert (
-            report["failure_seconds"] < TIMEOUT + 10
-        )  # the timeout, plus slack for a busy machine
+        assert report["failure_seconds"] < TIMEOUT + 10  # the timeout, plus slack for a busy machine
 
 
 def test_rendezvous_timeout_when_a_rank_never_starts():
@@ -287,6 +334,183 @@ def test_argument_errors_without_a_group():
         gd.init_gloo(0, 1, port=1, timeout=0)
 
 
+# ---------------------------------------------------------------- the rank-local operators, in one process
+
+
+def _shards_draw(full, seeds, temperature, cuts, shift=None):
+    """The vocab-parallel draw without collectives: the local operator on every shard, then the
+    wrapper's rule (largest score, then largest tie value, then lowest id)."""
+    batch, vocab = full.shape
+    temps = temperature.double() if isinstance(temperature, torch.Tensor) else torch.full((batch,), temperature)
+    temps = temps.double()
+    parts = []
+    for lo, hi in itertools.pairwise(cuts):
+        m = full.amax(-1).double() if shift is None else shift(full[:, lo:hi])
+        parts.append(vp.vocab_parallel_max_op(full[:, lo:hi].contiguous(), seeds, m, temps, lo, vocab))
+    s, u, ids = (torch.stack(t) for t in zip(*parts, strict=True))
+    best = s == s.max(0).values
+    best &= u == torch.where(best, u, float("-inf")).max(0).values
+    return torch.where(best, ids, vp.BIG_ID).amin(0)
+
+
+def _logits(batch, vocab, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(batch, vocab, generator=gen) * 3
+    full[0, :-2] = float("-inf")  # the possible tokens of row 0 are on the last shard only
+    full[1] += 3e3  # large logits: the shift must be the global maximum for equal floats
+    return full.to(dtype), torch.randint(-(2**62), 2**62, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_local_operator_on_shards_gives_the_token_of_sample(monkeypatch, backend, dtype):
+    monkeypatch.setenv("GUMBELKIT_BACKEND", backend)
+    per_row = torch.linspace(0, 2, 16)  # row 0 greedy
+    for batch, vocab in ((16, 1000), (16, 3001)):  # auto: torch path, then the fused kernels
+        full, seeds = _logits(batch, vocab, dtype)
+        cuts = [0, 3, 3, vocab // 2, vocab - 1, vocab]  # uneven, an empty shard, a 1-column shard
+        for t in (1.0, 0.6, 1e-40, per_row):
+            want = sample(full, temperature=t, seeds=seeds)
+            assert torch.equal(_shards_draw(full, seeds, t, cuts), want), (batch, vocab, t)
+
+    # the control: shards shifted by their own maxima do not give sample's token
+    def local(x):
+        return x.amax(-1).double().clamp(min=-1e30) if x.shape[1] else torch.zeros(len(x), dtype=torch.float64)
+
+    assert not torch.equal(_shards_draw(full, seeds, 1.0, cuts, local), sample(full, seeds=seeds))
+
+
+def test_local_operator_ties_like_sample(monkeypatch):
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "torch")
+    zero = lambda seeds, ids, dtype: torch.zeros(len(seeds), len(ids), dtype=dtype)  # noqa: E731
+    monkeypatch.setattr(vp, "counter_gumbel", zero)
+    monkeypatch.setattr(sampling, "counter_gumbel", zero)
+    tied = torch.zeros(64, 100)
+    tied[:, 60:] = 1.0
+    tied[:, 7] = 1.0
+    seeds = torch.arange(64)
+    got = _shards_draw(tied, seeds, 1.0, [0, 50, 80, 100])
+    assert torch.equal(got, sample(tied, seeds=seeds))
+    assert len(set(got.tolist())) > 10  # uniform among the 41 maxima, not the lowest id
+    assert _shards_draw(tied, seeds, 0.0, [0, 50, 80, 100]).tolist() == [7] * 64  # greedy: lowest id
+
+
+def _max_args(batch=4, vocab=12, offset=5):
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(3))
+    return (logits, torch.arange(batch), logits.amax(-1).double() + 0.5, torch.full((batch,), 0.8), offset, 40)
+
+
+def _softmax_args():
+    logits, seeds, shift, _, offset, _ = _max_args()
+    return (logits, seeds, shift, 0.7, offset)
+
+
+def test_local_operators_pass_opcheck():
+    torch.library.opcheck(vp.vocab_parallel_max_op, _max_args())
+    torch.library.opcheck(vp.vocab_parallel_softmax_op, _softmax_args())
+
+
+def test_local_softmax_operator_is_the_scaled_shard():
+    logits, seeds, shift, tau, offset = _softmax_args()
+    e, best, _, gid, total = vp.vocab_parallel_softmax_op(logits, seeds, shift, tau, offset)
+    noise = counter_gumbel(seeds.unsqueeze(-1), torch.arange(offset, offset + logits.shape[1]))
+    s = noise + (logits - shift.float().unsqueeze(-1)).double()
+    torch.testing.assert_close(best, s.max(-1).values, rtol=0, atol=0)
+    assert torch.equal(gid, s.argmax(-1) + offset)
+    want = ((s - best.unsqueeze(-1)) / tau).exp()
+    torch.testing.assert_close(e, want.float())
+    torch.testing.assert_close(total, want.sum(-1))
+    score, _, gid_max = vp.vocab_parallel_max_op(logits, seeds, shift, torch.ones(4), offset, 40)
+    assert torch.equal(score, best) and torch.equal(gid_max, gid)  # the same scores at T = 1
+
+
+def test_local_operator_vmap_is_a_loop_over_samples():
+    logits, seeds, _, temps, offset, vocab = _max_args()
+    stack = torch.stack([logits, logits * 2, logits - 1])
+    shifts = stack.amax(-1).double()
+    out = torch.func.vmap(vp.vocab_parallel_max_op, in_dims=(0, None, 0, None, None, None))(
+        stack, seeds, shifts, temps, offset, vocab
+    )
+    for i in range(3):
+        one = vp.vocab_parallel_max_op(stack[i], seeds, shifts[i], temps, offset, vocab)
+        assert all(torch.equal(a[i], b) for a, b in zip(out, one, strict=True))
+
+
+def test_local_operators_fake_and_meta_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits, seeds, shift, temps, offset, vocab = _max_args()
+        score, tie, gid = vp.vocab_parallel_max_op(logits, seeds, shift, temps, offset, vocab)
+        e, *_ = vp.vocab_parallel_softmax_op(logits, seeds, shift, 0.7, offset)
+    assert score.shape == tie.shape == gid.shape == (4,) and gid.dtype == torch.int64
+    assert score.dtype == tie.dtype == torch.float64 and e.shape == (4, 12) and e.dtype == torch.float32
+
+
+class _LocalStep(torch.nn.Module):
+    def forward(self, logits, seeds, shift, temps):
+        return vp.vocab_parallel_max_op(logits, seeds, shift, temps, 5, 40)[2]
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [("nan", "contain NaN or \\+inf"), ("shift", "below the row's largest logit"), ("temperature", "temperature")],
+)
+def test_local_operator_checks_raise_under_compile_and_export(case, pattern):
+    logits, seeds, shift, temps, _, _ = _max_args()
+    good = (logits.clone(), seeds, shift.clone(), temps.clone())
+    if case == "nan":
+        logits[1, 2] = float("nan")
+    if case == "shift":
+        shift[2] = logits[2].max() - 0.25
+    if case == "temperature":
+        temps[0] = -1.0
+    step = _LocalStep()
+    with pytest.raises(ValueError, match=pattern):
+        step(logits, seeds, shift, temps)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert compiled(*good).shape == (4,)
+    with pytest.raises(ValueError, match=pattern):
+        compiled(logits, seeds, shift, temps)
+    exported = torch.export.export(step, good).module()
+    assert torch.equal(exported(*good), step(*good))
+    with pytest.raises(ValueError, match=pattern):
+        exported(logits, seeds, shift, temps)
+
+
+def test_a_backend_group_without_init_process_group():
+    from datetime import timedelta
+
+    assert not dist.is_initialized()
+    group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1, timedelta(seconds=10))
+    full, seeds = _logits(4, 50, torch.float32)
+    ids = gd.vocab_parallel_gumbel_max(full, seeds=seeds, vocab_offset=0, temperature=0.8, group=group)
+    assert torch.equal(ids, sample(full, temperature=0.8, seeds=seeds))
+    y = gd.vocab_parallel_gumbel_softmax(full, 0.5, hard=True, seeds=seeds, vocab_offset=0, group=group)
+    assert torch.equal(y.argmax(-1), sample(full, seeds=seeds))
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        gd.vocab_parallel_gumbel_max(full, seeds=seeds, vocab_offset=0, temperature=-1.0, group=group)
+    with pytest.raises(TypeError, match="temperature must be a float or a floating tensor"):
+        gd.vocab_parallel_gumbel_max(full, seeds=seeds, vocab_offset=0, temperature=torch.ones(3), group=group)
+    with pytest.raises(ValueError, match="tau must be a positive finite float"):
+        gd.vocab_parallel_gumbel_softmax(full, 0.0, seeds=seeds, vocab_offset=0, group=group)
+    # vmap: the vmapped dimension is folded into the batch, seeds batched or not
+    stack = torch.stack([full, full.flip(-1), full * 0.5])
+    many = torch.stack([seeds, seeds + 1, seeds + 2])
+    vm = torch.func.vmap(lambda x, s: gd.vocab_parallel_gumbel_max(x, seeds=s, vocab_offset=0, group=group))(
+        stack, many
+    )
+    assert all(torch.equal(vm[i], sample(stack[i], seeds=many[i])) for i in range(3))
+    soft = torch.func.vmap(
+        lambda x: gd.vocab_parallel_gumbel_softmax(x, 0.5, hard=True, seeds=seeds, vocab_offset=0, group=group)
+    )(stack)
+    for i in range(3):
+        one = gd.vocab_parallel_gumbel_softmax(stack[i], 0.5, hard=True, seeds=seeds, vocab_offset=0, group=group)
+        assert torch.equal(soft[i], one)
+    assert not dist.is_initialized()
+
+
 # ---------------------------------------------------------------- DDP training under torchrun
 
 
@@ -296,9 +520,7 @@ def _ddp_train(info: _ddp.DistInfo) -> dict:
 
     gen = _ddp.rank_generator(0, info)
     torch.manual_seed(1000 + info.rank)  # different initial weights: DDP must broadcast rank 0's
-    model = _ddp.wrap_model(
-        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)), info
-    )
+    model = _ddp.wrap_model(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)), info)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(96, 8, generator=torch.Generator().manual_seed(5))
     target = x[:, :4].argmax(-1)

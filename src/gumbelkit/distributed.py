@@ -6,23 +6,46 @@ the full logits: with counter-based noise keyed by ``(seed, global token id)``
 (:mod:`gumbelkit._counter_noise`) every rank perturbs its own shard,
 
 .. math::
-    s_i = \ell_i + g(\mathrm{seed}, i), \qquad i \in [\mathrm{offset}, \mathrm{offset} + V_r),
+    s_i = (\ell_i - m) / T + g(\mathrm{seed}, i), \qquad i \in [\mathrm{offset}, \mathrm{offset} + V_r),
+    \qquad m = \max_{j < V} \ell_j,
 
-takes its local maximum, and one collective picks the global winner, ties to the lowest
-global id. The noise of token ``i`` is the same whichever rank computes it, so the token is
-exactly the one :func:`gumbelkit.sampling.sample` gives on the concatenated logits with the
-same seeds (Gumbel-Max is a max, and a max of maxima is the max).
+takes its local best, and one collective picks the global winner (a max of maxima is the max).
+
+Exactness. :func:`vocab_parallel_gumbel_max` returns exactly the token of
+``gumbelkit.sample(full_logits, temperature=T, seeds=seeds)`` on the concatenated logits, on
+every backend (``GUMBELKIT_BACKEND`` ``torch``, ``numba`` and ``auto``, the same on every rank):
+each rank computes the very floats ``sample`` compares. That takes the GLOBAL row maximum
+``m`` (one all-gather of ``B`` values before the scores, which also carries the validation),
+``sample``'s arithmetic (``(l - m) / T`` in the compute dtype plus float64 counter noise on
+its torch path, or the fused kernel's float32 transform of the same SplitMix64 stream where
+``sample`` would use it: same backend rule, decided on the whole ``(B', V)`` rows) and its tie
+rule (torch path: a uniform keyed by ``(seed, token id)``; fused: the lowest id). Tested on CPU
+tensors over gloo with 1, 2 and 3 ranks (uneven and empty shards) for float32, float16, bfloat16
+and float64 logits and scalar, per-row, greedy and tiny temperatures. Not covered:
+top-k/top-p/min-p (not offered here) and ``return_logprobs``. The rank-local steps are the
+registered operators of :mod:`gumbelkit._kernels.vocab_parallel`.
+
+Collectives stay outside the operators, in this module's Python. So the local steps compile
+(also ``fullgraph``), export, ``vmap`` and run on meta and fake tensors, their checks raising
+the same ``ValueError`` (``torch.ops.gumbelkit.vocab_parallel_max_local`` in the composability
+matrix; both operators pass ``opcheck``); the whole functions run in eager mode, under
+``no_grad``, ``inference_mode``, autocast, checkpointing and a default or ``dynamic``
+``torch.compile`` (which runs the collectives eagerly between graphs) and ``torch.func.vmap`` (a vmap rule folds the
+vmapped dimension into the batch: every rank must vmap alike), the softmax also under
+``torch.func.grad``/``jacrev``/``jvp`` and forward AD, but not under ``fullgraph``, export,
+meta or fake tensors (docs/compose.md says what each would need).
 
 Every collective here has a timeout; a rank that dies or stops calling raises a
 ``RuntimeError`` that says so on the others instead of hanging them. Bad input found on one
-rank (NaN logits, shards that do not tile the vocabulary, different seeds) travels in the
-same collective, so every rank raises the same ``ValueError`` together. Different batch
-sizes, which make gloo abort the process inside the all-gather, are caught before it by a
-tiny all-reduce of the sizes (``validate=True``, the default).
+rank (NaN logits, shards that do not tile the vocabulary, different seeds or temperatures)
+travels in the same collective, so every rank raises the same ``ValueError`` together.
+Different batch sizes, which make gloo abort the process inside the all-gather, are caught
+before it by a tiny all-reduce of the sizes (``validate=True``, the default).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from datetime import timedelta
 from numbers import Integral, Real
@@ -30,7 +53,7 @@ from numbers import Integral, Real
 import torch
 import torch.distributed as dist
 
-from ._counter_noise import counter_gumbel
+from ._kernels.vocab_parallel import BIG_ID, vocab_parallel_max_op, vocab_parallel_softmax_op
 from ._validation import check_logits, compute_dtype
 
 __all__ = [
@@ -41,8 +64,10 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 60.0
+# A group: a ProcessGroup, or a backend object such as ``dist.ProcessGroupGloo(store, rank, size)``,
+# which the collectives accept without ``init_process_group``.
+_GROUP_TYPES = (dist.ProcessGroup, torch._C._distributed_c10d.Backend) if dist.is_available() else ()
 _NEG_INF = float("-inf")
-_BIG = torch.iinfo(torch.int64).max
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -109,9 +134,15 @@ def init_gloo(
         ) from err
 
 
-def _run(
-    what: str, group: dist.ProcessGroup | None, timeout: float | None, collective, *args
-) -> None:
+def _size(group: dist.ProcessGroup | None) -> int:
+    return group.size() if group is not None else dist.get_world_size()
+
+
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return group.rank() if group is not None else dist.get_rank()
+
+
+def _run(what: str, group: dist.ProcessGroup | None, timeout: float | None, collective, *args) -> None:
     """Run ``collective(*args)`` and wait; a dead, stuck or absent rank becomes a RuntimeError."""
     try:
         work = collective(*args, group=group, async_op=True)
@@ -119,8 +150,8 @@ def _run(
     except Exception as err:  # gloo raises RuntimeError or DistError subclasses
         limit = f"within {timeout:g} s" if timeout is not None else "before the group's timeout"
         raise RuntimeError(
-            f"{what}: the collective over {dist.get_world_size(group)} ranks failed on rank "
-            f"{dist.get_rank(group)}: a rank died, or did not call it {limit} (every rank of the "
+            f"{what}: the collective over {_size(group)} ranks failed on rank "
+            f"{_rank(group)}: a rank died, or did not call it {limit} (every rank of the "
             f"group must call it, with the same batch size) ({type(err).__name__}: {err})"
         ) from err
 
@@ -137,47 +168,45 @@ def _check_args(
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     logits = check_logits(local_logits, "local_logits")
     if logits.dim() != 2:
-        raise ValueError(
-            f"local_logits must have shape (batch, local_vocab), got {tuple(logits.shape)}"
-        )
-    if (
-        not isinstance(seeds, torch.Tensor)
-        or seeds.dtype != torch.int64
-        or seeds.shape != logits.shape[:1]
-    ):
-        got = (
-            f"{seeds.dtype} {tuple(seeds.shape)}"
-            if isinstance(seeds, torch.Tensor)
-            else type(seeds).__name__
-        )
+        raise ValueError(f"local_logits must have shape (batch, local_vocab), got {tuple(logits.shape)}")
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != logits.shape[:1]:
+        got = f"{seeds.dtype} {tuple(seeds.shape)}" if isinstance(seeds, torch.Tensor) else type(seeds).__name__
         raise TypeError(
-            f"seeds must be an int64 tensor of shape ({logits.shape[0]},), the same on every "
-            f"rank, got {got}"
+            f"seeds must be an int64 tensor of shape ({logits.shape[0]},), the same on every rank, got {got}"
         )
     if seeds.device != logits.device:
         raise ValueError(f"seeds are on {seeds.device} but local_logits on {logits.device}")
     if isinstance(vocab_offset, bool) or not isinstance(vocab_offset, Integral) or vocab_offset < 0:
         raise ValueError(
-            f"vocab_offset must be a non-negative int (the global id of local column 0), "
-            f"got {vocab_offset!r}"
+            f"vocab_offset must be a non-negative int (the global id of local column 0), got {vocab_offset!r}"
         )
-    if not dist.is_available() or not dist.is_initialized():
+    if group is not None and not isinstance(group, _GROUP_TYPES):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if group is None and (not dist.is_available() or not dist.is_initialized()):
         raise RuntimeError(
             "torch.distributed is not initialized; call gumbelkit.distributed.init_gloo "
-            "(or torch.distributed.init_process_group) on every rank first"
+            "(or torch.distributed.init_process_group) on every rank first, or pass group="
         )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
-        )
-    return logits, seeds, int(vocab_offset), None if timeout is None else _check_timeout(timeout)
+    timeout = None if timeout is None else _check_timeout(timeout)
+    return logits, seeds.contiguous(), int(vocab_offset), timeout
 
 
-def _scores(logits: torch.Tensor, seeds: torch.Tensor, offset: int) -> torch.Tensor:
-    """``logits + g(seed, global id)`` in the compute dtype, as ``sample`` computes them."""
-    ids = torch.arange(offset, offset + logits.shape[1], device=logits.device)
-    noise = counter_gumbel(seeds.unsqueeze(-1), ids, dtype=compute_dtype(logits.dtype))
-    return noise.add_(logits)
+def _check_temperature(temperature: object, batch: int, device: torch.device) -> torch.Tensor:
+    """``temperature`` as a ``(B,)`` float64 tensor (its values are checked with the others')."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point() or temperature.shape not in ((), (batch,)):
+            raise TypeError(
+                f"temperature must be a float or a floating tensor of shape ({batch},), got "
+                f"{temperature.dtype} {tuple(temperature.shape)}"
+            )
+        if temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device} but local_logits on {device}")
+        return temperature.detach().double().expand(batch).contiguous()
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    return torch.full((batch,), float(temperature), dtype=torch.float64, device=device)
 
 
 def _check_batch(
@@ -197,69 +226,94 @@ def _check_batch(
         )
 
 
-def _global_winner(
-    x: torch.Tensor,
+def _all_gather(mine: torch.Tensor, group: dist.ProcessGroup | None, timeout: float | None, what: str) -> torch.Tensor:
+    """Every rank's ``mine`` stacked in rank order: ``(world, *mine.shape)``."""
+    parts = [torch.empty_like(mine) for _ in range(_size(group))]
+    _run(what, group, timeout, dist.all_gather, parts, mine.contiguous())
+    return torch.stack(parts)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.double().contiguous().view(torch.int64)
+
+
+def _floats(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.float64)
+
+
+def _global_stats(
     logits: torch.Tensor,
     seeds: torch.Tensor,
+    temps: torch.Tensor,
     offset: int,
     group: dist.ProcessGroup | None,
     timeout: float | None,
-    validate: bool,
     what: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One all-gather of each rank's (best score, its global id, bad-row flag, seed) and its shard.
+    tname: str,
+) -> tuple[torch.Tensor, int]:
+    """One all-gather of each rank's row maxima, seeds, temperatures and shard extent.
 
-    Returns the global winner ids ``(B,)`` and the global best scores ``(B,)`` (float64),
-    after checking, identically on every rank, that the shards tile ``[0, V)``, the seeds
-    agree and every row has a finite best score.
+    Returns the global row maxima ``(B,)`` float64 and the vocabulary size, after checking,
+    identically on every rank, that the shards tile ``[0, V)``, the seeds and temperatures
+    agree and are valid, and every row has a finite maximum and no NaN or ``+inf``.
     """
-    batch, local = x.shape
-    if validate:
-        _check_batch(batch, x.device, group, timeout, what)
+    batch, local = logits.shape
     if local:
-        col = x.argmax(-1, keepdim=True)  # the first maximum: the lowest local id
-        best = x.gather(-1, col).squeeze(-1).double()
-        gid = col.squeeze(-1) + offset
+        rowmax = logits.amax(-1).double()
     else:
-        best = torch.full((batch,), _NEG_INF, dtype=torch.float64, device=x.device)
-        gid = torch.full((batch,), _BIG, dtype=torch.int64, device=x.device)
-    bad = torch.zeros(batch, dtype=torch.int64, device=x.device)
-    if not bool(torch.isfinite(best).all()):
-        bad = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)).long()
-    mine = torch.stack([best.view(torch.int64), gid, bad, seeds], -1)
-    mine = torch.cat([mine, torch.tensor([[offset, local, batch, 0]], device=x.device)])
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    _run(what, group, timeout, dist.all_gather, parts, mine.contiguous())
-    table = torch.stack(parts)  # (world, batch + 1, 4)
+        rowmax = torch.full((batch,), _NEG_INF, dtype=torch.float64, device=logits.device)
+    mine = torch.stack([_bits(rowmax), seeds, _bits(temps)], -1)
+    head = torch.tensor([[offset, local, batch]], device=logits.device)
+    table = _all_gather(torch.cat([mine, head]), group, timeout, what)  # (world, B + 1, 3)
 
     head = table[:, -1]
     shards = head[head[:, 1] > 0]  # ranks holding no column may pass any offset
     shards = shards[shards[:, 0].argsort()]
     starts, ends = shards[:, 0], shards[:, 0] + shards[:, 1]
     if not len(shards) or int(starts[0]) != 0 or not bool((starts[1:] == ends[:-1]).all()):
-        shards = ", ".join(
-            f"rank {r}: [{int(a)}, {int(a + n)})" for r, (a, n, _, _) in enumerate(head.tolist())
-        )
+        shards = ", ".join(f"rank {r}: [{int(a)}, {int(a + n)})" for r, (a, n, _) in enumerate(head.tolist()))
         raise ValueError(
             f"{what}: the shards do not tile the vocabulary from 0 without gaps or "
             f"overlaps ({shards}); set vocab_offset to the global id of each rank's first column"
         )
     rows = table[:, :-1]
-    if not bool((rows[:, :, 3] == rows[:1, :, 3]).all()):
+    if not bool((rows[:, :, 1] == rows[:1, :, 1]).all()):
         raise ValueError(f"{what}: seeds differ between ranks; every rank must pass the same seeds")
-    flagged = rows[:, :, 2].any(-1).nonzero().flatten().tolist()
+    if not bool((rows[:, :, 2] == rows[:1, :, 2]).all()):
+        raise ValueError(f"{what}: {tname} differs between ranks; every rank must pass the same")
+    t = _floats(rows[0, :, 2])
+    bad_t = ~(torch.isfinite(t) & (t >= 0))
+    if bool(bad_t.any()):
+        raise ValueError(f"{what}: {tname} must be finite and >= 0, got {t[bad_t][:4].tolist()}")
+    maxima = _floats(rows[:, :, 0])  # (world, B)
+    flagged = (torch.isnan(maxima) | torch.isposinf(maxima)).any(-1).nonzero().flatten().tolist()
     if flagged:
         raise ValueError(f"{what}: local_logits contain NaN or +inf on rank(s) {flagged}")
-    values = rows[:, :, 0].contiguous().view(torch.float64)
-    top = values.max(0).values
+    top = maxima.max(0).values
     if not bool(torch.isfinite(top).all()):
         empty = (~torch.isfinite(top)).nonzero().flatten()[:8].tolist()
-        raise ValueError(
-            f"{what}: row(s) {empty} have no possible token on any rank (all logits -inf)"
-        )
-    winner = torch.where(values == top, rows[:, :, 1], _BIG).amin(0)
-    return winner, top
+        raise ValueError(f"{what}: row(s) {empty} have no possible token on any rank (all logits -inf)")
+    return top, int(head[:, 1].sum())
+
+
+def _global_winner(
+    score: torch.Tensor,
+    tie: torch.Tensor,
+    gid: torch.Tensor,
+    extra: tuple[torch.Tensor, ...],
+    group: dist.ProcessGroup | None,
+    timeout: float | None,
+    what: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One all-gather of each rank's best ``(score, tie, id, *extra)``: the global winner ``(B,)``
+    (the lexicographic maximum of ``(score, tie, -id)``) and the gathered ``(world, B, k)`` table.
+    """
+    mine = torch.stack([_bits(score), _bits(tie), gid, *extra], -1)
+    table = _all_gather(mine, group, timeout, what)
+    s, u, ids = _floats(table[..., 0]), _floats(table[..., 1]), table[..., 2]
+    best = s == s.max(0).values
+    best &= u == torch.where(best, u, _NEG_INF).max(0).values
+    return torch.where(best, ids, BIG_ID).amin(0), table
 
 
 def vocab_parallel_gumbel_max(
@@ -267,6 +321,7 @@ def vocab_parallel_gumbel_max(
     *,
     seeds: torch.Tensor,
     vocab_offset: int,
+    temperature: float | torch.Tensor = 1.0,
     group: dist.ProcessGroup | None = None,
     timeout: float | None = None,
     validate: bool = True,
@@ -274,70 +329,175 @@ def vocab_parallel_gumbel_max(
     r"""Sample a token per row from logits whose vocabulary is split across the ranks of ``group``.
 
     .. math::
-        i^* = \arg\max_i\, \ell_i + g(\mathrm{seed}, i) \;\sim\; \operatorname{softmax}(\ell)
+        i^* = \arg\max_i\, (\ell_i - m) / T + g(\mathrm{seed}, i) \;\sim\;
+        \operatorname{softmax}(\ell / T), \qquad m = \max_j \ell_j
 
     (Gumbel 1954; Maddison et al. 2014). Rank ``r`` holds columns
-    ``[vocab_offset, vocab_offset + V_r)`` of the ``(B, V)`` logits; the noise of global token
-    ``i`` is ``counter_gumbel(seed, i)``. Each rank reduces its shard to its best
-    ``(score, id)``; one ``all_gather`` of those pairs (with the shard extents, seeds and a
-    bad-input flag, so every rank validates alike) picks the global winner, ties to the lowest
-    id. The result equals ``gumbelkit.sampling.sample(full_logits, seeds=seeds)`` token for
-    token. For a temperature ``T``, pass ``local_logits / T`` (as ``sample`` divides).
+    ``[vocab_offset, vocab_offset + V_r)`` of the ``(B, V)`` logits. Three collectives: a tiny
+    all-reduce of the batch sizes (``validate``), an all-gather of the row maxima (with seeds,
+    temperatures and shard extents, so every rank validates alike), then, after the rank-local
+    operator ``torch.ops.gumbelkit.vocab_parallel_max_local``, an all-gather of each rank's
+    best ``(score, tie, id)``.
+
+    Exactly ``gumbelkit.sample(full_logits, temperature=temperature, seeds=seeds)`` token for
+    token (no top-k/top-p/min-p), with every ``GUMBELKIT_BACKEND`` as long as all ranks use the
+    same one: see the module docstring. ``T = 0`` rows are greedy (the lowest id among the
+    maxima), as in ``sample``.
 
     Args:
-        local_logits: ``(B, V_r)`` this rank's columns (``V_r`` may be 0).
+        local_logits: ``(B, V_r)`` this rank's columns (``V_r`` may be 0); float16, bfloat16,
+            float32 or float64. Not differentiated.
         seeds: ``(B,)`` int64, identical on every rank.
         vocab_offset: global id of this rank's first column; the shards must tile ``[0, V)``.
-        group: the process group (default: the world).
+        temperature: ``>= 0`` and finite; a float or a ``(B,)`` floating tensor, identical on
+            every rank.
+        group: the process group (default: the world). A backend object such as
+            ``dist.ProcessGroupGloo(store, rank, size, timeout)`` works without
+            ``init_process_group``.
         timeout: seconds to wait for each collective (default: the group's timeout).
         validate: first compare the ranks' batch sizes with a tiny all-reduce, so that a
             mismatch raises ``ValueError`` on every rank (gloo aborts the process on a
             mismatched all-gather); ``False`` saves that round trip when the sizes are known
-            to agree. Shards, seeds and logits are validated either way.
+            to agree. Shards, seeds, temperatures and logits are validated either way.
 
     Returns:
         ``(B,)`` int64 global token ids, the same on every rank.
+
+    Raises:
+        TypeError / ValueError: bad arguments, before any collective; ``ValueError`` on every
+            rank together for NaN or ``+inf`` logits, a row that is ``-inf`` on every rank,
+            shards that do not tile the vocabulary, seeds or temperatures that differ between
+            ranks, different batch sizes.
+        RuntimeError: torch.distributed not initialized (and no ``group``), or a collective
+            failed or timed out (a rank died or stopped calling).
 
     Example:
         >>> import torch.distributed as dist
         >>> from gumbelkit.sampling import sample
         >>> init_gloo(0, 1, port=free_port(), timeout=10)
         >>> logits, seeds = torch.randn(4, 50), torch.arange(4)
-        >>> ids = vocab_parallel_gumbel_max(logits, seeds=seeds, vocab_offset=0)
-        >>> torch.equal(ids, sample(logits, seeds=seeds))
+        >>> ids = vocab_parallel_gumbel_max(logits, seeds=seeds, vocab_offset=0, temperature=0.7)
+        >>> torch.equal(ids, sample(logits, temperature=0.7, seeds=seeds))
         True
         >>> dist.destroy_process_group()
     """
-    what = "vocab_parallel_gumbel_max"
-    logits, seeds, offset, timeout = _check_args(
-        local_logits, seeds, vocab_offset, group, timeout, validate
-    )
+    logits, seeds, offset, timeout = _check_args(local_logits, seeds, vocab_offset, group, timeout, validate)
+    temps = _check_temperature(temperature, logits.shape[0], logits.device)
     with torch.no_grad():
-        x = _scores(logits, seeds, offset)
-        return _global_winner(x, logits, seeds, offset, group, timeout, validate, what)[0]
+        return _VocabParallelMax.apply(logits.detach(), seeds, temps, offset, group, timeout, validate)
 
 
-class _VocabParallelGumbelSoftmax(torch.autograd.Function):
+def _fold(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """``t`` with the vmapped dimension ``dim`` (None: unbatched, repeated ``n`` times) folded into
+    its first (batch) dimension: ``(n * B, ...)``."""
+    t = t.unsqueeze(0).expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+class _VocabParallelMax(torch.autograd.Function):
+    """The whole of :func:`vocab_parallel_gumbel_max` after the argument checks, as one call, so
+    that ``vmap`` folds its dimension into the batch (every rank must vmap alike; the batch-size
+    check catches ranks that do not). Not differentiable."""
+
+    @staticmethod
+    def forward(logits, seeds, temps, offset, group, timeout, validate):
+        what = "vocab_parallel_gumbel_max"
+        if validate:
+            _check_batch(logits.shape[0], logits.device, group, timeout, what)
+        shift, vocab = _global_stats(logits, seeds, temps, offset, group, timeout, what, "temperature")
+        score, tie, gid = vocab_parallel_max_op(logits, seeds, shift, temps, offset, vocab)
+        return _global_winner(score, tie, gid, (), group, timeout, what)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * 7
+
+    @staticmethod
+    def vmap(info, in_dims, logits, seeds, temps, offset, group, timeout, validate):
+        n = info.batch_size
+        args = [_fold(t, d, n) for t, d in zip((logits, seeds, temps), in_dims[:3], strict=True)]
+        out = _VocabParallelMax.apply(*args, offset, group, timeout, validate)
+        return out.view(n, out.shape[0] // n), 0
+
+
+def _softmax_forward(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    offset: int,
+    tau: float,
+    group: dist.ProcessGroup | None,
+    timeout: float | None,
+    validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, winner)``: this rank's shard of the sample and the global winner ids ``(B,)``."""
+    what = "vocab_parallel_gumbel_softmax"
+    batch = logits.shape[0]
+    if validate:
+        _check_batch(batch, logits.device, group, timeout, what)
+    taus = torch.full((batch,), tau, dtype=torch.float64, device=logits.device)
+    shift, _ = _global_stats(logits, seeds, taus, offset, group, timeout, what, "tau")
+    e, best, tie, gid, total = vocab_parallel_softmax_op(logits, seeds, shift, tau, offset)
+    winner, table = _global_winner(best, tie, gid, (_bits(total),), group, timeout, what)
+    bests, totals = _floats(table[..., 0]), _floats(table[..., 3])  # (world, B)
+    top = bests.max(0).values
+    # exp((t_r - t*) / tau): each rank's unnormalized shard in the global scale
+    scale = torch.where(bests > _NEG_INF, ((bests - top) / tau).exp(), 0.0)
+    factor = scale[_rank(group)] / (totals * scale).sum(0)
+    return (e * factor.to(e.dtype).unsqueeze(-1)).to(logits.dtype), winner
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all-reduce (sum) with the module's timeout. It is linear and its own
+    adjoint: backward and jvp all-reduce the gradient or tangent; vmap all-reduces the batch."""
+
+    @staticmethod
+    def forward(x, group, timeout, what):
+        out = x.clone()
+        _run(what, group, timeout, dist.all_reduce, out)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.group, ctx.timeout, ctx.what = inputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.timeout, ctx.what), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        return _AllReduceSum.apply(tangent.contiguous(), ctx.group, ctx.timeout, ctx.what)
+
+    @staticmethod
+    def vmap(info, in_dims, x, group, timeout, what):
+        if in_dims[0] is None:
+            return _AllReduceSum.apply(x, group, timeout, what), None
+        return _AllReduceSum.apply(x.movedim(in_dims[0], 0).contiguous(), group, timeout, what), 0
+
+
+class VocabParallelGumbelSoftmax(torch.autograd.Function):
     """Forward: the local shard of ``softmax((l + g) / tau)`` with a global normalizer.
 
-    Returns ``y``, or ``(one_hot, y)`` when hard (as the core kernel does, so the saved tensor
-    is an output). Backward, closed form: ``(1/tau) * y * (G - <G, y>)`` with ``G`` the sum of
-    the outputs' gradients (straight-through when hard); the inner product over the whole
-    vocabulary takes one all-reduce.
+    ``apply(logits, seeds, offset, tau, hard, group, timeout, validate)`` returns ``y``, or
+    ``(one_hot, y)`` when hard (so the saved tensor is an output). Closed forms with ``G`` the
+    sum of the outputs' gradients (straight-through when hard), inner products over the whole
+    vocabulary by an all-reduce:
+
+        backward:  dL/dl = (1/tau) * y * (G - <G, y>)
+        jvp:       dy    = (1/tau) * y * (dl - <dl, y>)
+
+    The backward is plain torch ops plus a differentiable all-reduce (:class:`_AllReduceSum`),
+    so double backward works (every rank must run it). The vmap rule folds the vmapped
+    dimension into the batch and calls the collectives once (every rank must vmap alike).
     """
 
     @staticmethod
-    def forward(ctx, logits, seeds, offset, tau, hard, group, timeout, validate):
-        what = "vocab_parallel_gumbel_softmax"
-        x = _scores(logits, seeds, offset)
-        winner, top = _global_winner(x, logits, seeds, offset, group, timeout, validate, what)
-        # Shift by the global maximum score, then scale: the core kernel's order of operations.
-        x = x.sub_(top.to(x.dtype).unsqueeze(-1)).div_(tau).exp_()
-        total = x.double().sum(-1)
-        _run(what, group, timeout, dist.all_reduce, total)
-        y = x.div_(total.to(x.dtype).unsqueeze(-1)).to(logits.dtype)
-        ctx.tau, ctx.group, ctx.timeout = tau, group, timeout
-        ctx.save_for_backward(y)
+    def forward(logits, seeds, offset, tau, hard, group, timeout, validate):
+        y, winner = _softmax_forward(logits.detach(), seeds, offset, tau, group, timeout, validate)
         if not hard:
             return y
         local = winner - offset
@@ -347,17 +507,54 @@ class _VocabParallelGumbelSoftmax(torch.autograd.Function):
         return one_hot, y
 
     @staticmethod
+    def vmap(info, in_dims, logits, seeds, offset, tau, hard, group, timeout, validate):
+        # fold the vmapped dimension into the batch (every rank must vmap alike)
+        n = info.batch_size
+        x, s = _fold(logits, in_dims[0], n), _fold(seeds, in_dims[1], n)
+        out = VocabParallelGumbelSoftmax.apply(x, s, offset, tau, hard, group, timeout, validate)
+        shape = (n, x.shape[0] // n, x.shape[1])
+        if hard:
+            return tuple(o.view(shape) for o in out), (0, 0)
+        return out.view(shape), 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, _, tau, hard, group, timeout, _ = inputs
+        y = output[1] if hard else output
+        ctx.tau, ctx.hard, ctx.group, ctx.timeout = tau, hard, group, timeout
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+        if hard:
+            ctx.set_materialize_grads(False)
+
+    @staticmethod
     def backward(ctx, *grads):
         (y,) = ctx.saved_tensors
         cdtype = compute_dtype(y.dtype)
         yc = y.to(cdtype)
-        gc = sum(g.to(cdtype) for g in grads)
-        inner = (gc * yc).double().sum(-1)
-        _run(
-            "vocab_parallel_gumbel_softmax backward", ctx.group, ctx.timeout, dist.all_reduce, inner
+        present = [g.to(cdtype) for g in grads if g is not None]
+        # every rank must join the all-reduce, with or without a gradient of its own
+        gc = sum(present[1:], present[0]) if present else torch.zeros_like(yc)
+        inner = _AllReduceSum.apply(
+            (gc * yc).sum(-1, dtype=torch.float64),
+            ctx.group,
+            ctx.timeout,
+            "vocab_parallel_gumbel_softmax backward",
         )
         w = yc * (gc - inner.to(cdtype).unsqueeze(-1)) / ctx.tau
         return w.to(y.dtype), None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dlogits, *_):
+        (y,) = ctx.saved_tensors
+        cdtype = compute_dtype(y.dtype)
+        yc = y.to(cdtype)
+        dz = dlogits.to(cdtype) / ctx.tau
+        inner = _AllReduceSum.apply(
+            (dz * yc).sum(-1, dtype=torch.float64), ctx.group, ctx.timeout, "vocab_parallel_gumbel_softmax jvp"
+        )
+        dy = (yc * (dz - inner.to(cdtype).unsqueeze(-1))).to(y.dtype)
+        return (dy, dy) if ctx.hard else dy
 
 
 def vocab_parallel_gumbel_softmax(
@@ -374,21 +571,45 @@ def vocab_parallel_gumbel_softmax(
     r"""This rank's shard of a Gumbel-Softmax sample over a vocabulary split across ranks.
 
     .. math::
-        y_i = \frac{\exp((\ell_i + g_i - m)/\tau)}{\sum_{j=1}^{V} \exp((\ell_j + g_j - m)/\tau)},
-        \qquad g_i = g(\mathrm{seed}, i),\; m = \max_j\, \ell_j + g_j
+        y_i = \frac{\exp((s_i - s^*)/\tau)}{\sum_{j=1}^{V} \exp((s_j - s^*)/\tau)},
+        \qquad s_i = (\ell_i - m) + g(\mathrm{seed}, i),\; s^* = \max_j s_j,\;
+        m = \max_j \ell_j
 
-    (Jang et al. 2017; Maddison et al. 2017) with the counter-based noise of
-    :func:`vocab_parallel_gumbel_max`. The global maximum comes from the same all-gather as
-    the winner, the normalizer from a second collective (an all-reduce of the local sums);
-    ``timeout`` and ``validate`` are as there.
-    With ``hard=True`` the forward value is the one-hot of the global winner (the token of
-    :func:`vocab_parallel_gumbel_max`) and the gradient is that of ``y`` (straight-through).
-    Differentiable in ``local_logits``: the backward pass is ``(1/tau) y (G - <G, y>)`` and
-    needs one all-reduce, so every rank must call backward.
+    (Jang et al. 2017; Maddison et al. 2017) with the float64 counter-based noise of
+    :func:`vocab_parallel_gumbel_max` (its torch-path scores at ``T = 1``). Collectives: the
+    batch-size check (``validate``), the all-gather of the row maxima, then one all-gather of
+    each rank's best score, tie-break value, id and local sum
+    ``sum_i exp((s_i - t_r)/tau)`` (``t_r`` the rank's best score): the normalizer is
+    ``sum_r exp((t_r - s^*)/tau) * sum_r`` (the online-softmax identity), so the forward needs
+    no further all-reduce. The rank-local step is the operator
+    ``torch.ops.gumbelkit.vocab_parallel_softmax_local``.
+
+    With ``hard=True`` the forward value is the one-hot of the global argmax of the same float64
+    scores, which is the token of ``vocab_parallel_gumbel_max(..., temperature=1)`` and of
+    ``sample(full_logits, seeds=seeds)`` whenever those take the torch path (backend ``torch``,
+    or ``auto`` below the fused-kernel size; the fused numba path uses float32 noise and may
+    pick another token where two scores differ in float64 by less than float32 rounding); the
+    gradient is that of ``y`` (straight-through).
+
+    Differentiable in ``local_logits`` (:class:`VocabParallelGumbelSoftmax`): backward
+    ``(1/tau) y (G - <G, y>)`` and forward-mode ``(1/tau) y (dl - <dl, y>)``, each with one
+    all-reduce, so every rank must call backward (or the jvp) together.
+
+    Args:
+        local_logits: ``(B, V_r)`` floating logits, this rank's columns (``V_r`` may be 0).
+        tau: positive finite temperature, identical on every rank.
+        hard: straight-through one-hot of the winner.
+        seeds, vocab_offset, group, timeout, validate: as :func:`vocab_parallel_gumbel_max`.
 
     Returns:
-        ``(B, V_r)``: columns ``[vocab_offset, vocab_offset + V_r)`` of the sample; concatenated
-        over the ranks they equal the single-process Gumbel-Softmax with the same noise.
+        ``(B, V_r)`` in the dtype of ``local_logits``: columns ``[vocab_offset, vocab_offset +
+        V_r)`` of the sample; concatenated over the ranks they equal the single-process
+        Gumbel-Softmax of the full logits with the noise ``counter_gumbel(seeds, token id)``
+        (up to float rounding, ~1e-7 relative in float32).
+
+    Raises:
+        TypeError / ValueError / RuntimeError: as :func:`vocab_parallel_gumbel_max`; ``tau``
+            not positive and finite, ``hard`` not a bool.
 
     Example:
         >>> import torch.distributed as dist
@@ -399,14 +620,10 @@ def vocab_parallel_gumbel_softmax(
         True
         >>> dist.destroy_process_group()
     """
-    logits, seeds, offset, timeout = _check_args(
-        local_logits, seeds, vocab_offset, group, timeout, validate
-    )
-    if isinstance(tau, bool) or not isinstance(tau, Real) or not 0 < tau < float("inf"):
+    logits, seeds, offset, timeout = _check_args(local_logits, seeds, vocab_offset, group, timeout, validate)
+    if isinstance(tau, bool) or not isinstance(tau, Real) or not 0 < tau < math.inf:
         raise ValueError(f"tau must be a positive finite float, got {tau!r}")
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    out = _VocabParallelGumbelSoftmax.apply(
-        logits, seeds, offset, float(tau), hard, group, timeout, validate
-    )
+    out = VocabParallelGumbelSoftmax.apply(logits, seeds, offset, float(tau), hard, group, timeout, validate)
     return out[0] if hard else out

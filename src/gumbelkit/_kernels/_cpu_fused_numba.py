@@ -432,7 +432,7 @@ def row_max(x):
         part[t] = _buf_max(x[r, lo:hi], hi - lo)
     out = np.empty(rows, dtype=x.dtype)
     for r in range(rows):
-        out[r] = _buf_max(part[r * nblk:(r + 1) * nblk], nblk)
+        out[r] = _buf_max(part[r * nblk : (r + 1) * nblk], nblk)
     return out
 
 
@@ -449,7 +449,7 @@ def noise_fill(flat, key, offset):
         hi = min(n, lo + BLOCK)
         for c in range(lo, hi, CHUNK):
             length = min(CHUNK, hi - c)
-            _noise_chunk(flat[c:c + length], key, offset + c, length)
+            _noise_chunk(flat[c : c + length], key, offset + c, length)
     return flat
 
 
@@ -470,17 +470,19 @@ def _fill_perturbed_div(buf, xrow, lo, length, shift, tau, key, pos0):
 
 
 @_jit(parallel=True)
-def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, use_low):
+def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, use_low, shifts, use_shift, scores):
     """Per row, argmax_j ((x_j - m) / T + G(key, position)), ties to the lowest index.
 
-    ``key_by_row``: the key of row r is keys[r] and the position of x[r, j] is j (per-row
-    seeds); else keys[0] and position offset + r * n + j (one stream over the flat array).
+    ``key_by_row``: the key of row r is keys[r] and the position of x[r, j] is offset + j
+    (per-row seeds); else keys[0] and position offset + r * n + j (one stream over the flat
+    array). ``use_shift``: m = shifts[r] instead of the row max. ``scores[r]`` receives the
+    winning value (the exact float compared; -inf when every entry is masked).
     ``skip``: skip chunks whose best possible value max_j (x_j - m) / T + G_MAX is below the
     best found so far (exact: no noise value exceeds G_MAX). ``use_low``: entries with
     x < lows[r] are masked (a top-p / top-k / min-p threshold applied in the same pass).
     """
     rows, n = x.shape
-    m = row_max(x)
+    m = shifts if use_shift else row_max(x)
     nblk = (n + BLOCK - 1) // BLOCK
     best_v = np.empty(rows * nblk, dtype=x.dtype)
     best_i = np.empty(rows * nblk, dtype=np.int64)
@@ -494,13 +496,13 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, u
         mr = m[r]
         tau = temps[r] if use_temp else _like(1.0, x[0, 0])
         key = keys[r] if key_by_row else keys[0]
-        pos_row = 0 if key_by_row else offset + r * n
+        pos_row = offset if key_by_row else offset + r * n
         bv = -np.inf
         bi = -1
         for c in range(lo, hi, CHUNK):
             length = min(CHUNK, hi - c)
             if skip and bi >= 0:
-                cmx = _buf_max(xr[c:c + length], length)
+                cmx = _buf_max(xr[c : c + length], length)
                 if (cmx - mr) / tau + gmax < bv:
                     continue
             if use_temp:
@@ -530,6 +532,7 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, u
                 bv = v
                 bi = i
         out[r] = bi
+        scores[r] = bv
     return out
 
 
@@ -577,7 +580,7 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
         tmp = np.empty(CHUNK, dtype=x.dtype)
         for c in range(lo, hi, CHUNK):
             length = min(CHUNK, hi - c)
-            buf = orow[c:c + length]
+            buf = orow[c : c + length]
             _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
             cm = _buf_max(buf, length)
             k = c // CHUNK
@@ -627,14 +630,14 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
                     _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
                     argmax[r] = c + _first_index(buf, length, _like(M, x[0, 0]))
                 else:
-                    argmax[r] = c + _first_index(out[r, c:c + length], length, _like(M, x[0, 0]))
+                    argmax[r] = c + _first_index(out[r, c : c + length], length, _like(M, x[0, 0]))
                 break
     for t in prange(rows * nch):
         r = t // nch
         k = t % nch
         c = k * CHUNK
         length = min(CHUNK, n - c)
-        buf = out[r, c:c + length]
+        buf = out[r, c : c + length]
         if mode == 2:
             buf[:] = 0.0
             if argmax[r] >= c and argmax[r] < c + length:

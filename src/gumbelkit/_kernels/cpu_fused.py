@@ -318,7 +318,10 @@ def gumbel_max(x: np.ndarray, seed: int, offset: int = 0, *, skip: bool = True) 
     key = np.array([_key(_check_seed(seed))], dtype=np.uint64)
     temps = np.ones(1, dtype=x.dtype)
     offset = _check_offset(offset)
-    return _run("argmax_perturbed", x.size, x, key, False, offset, temps, False, bool(skip), temps, False)
+    scores = np.empty(x.shape[0], dtype=x.dtype)
+    return _run(
+        "argmax_perturbed", x.size, x, key, False, offset, temps, False, bool(skip), temps, False, temps, False, scores
+    )
 
 
 def sample_seeded(
@@ -328,12 +331,22 @@ def sample_seeded(
     *,
     min_value: np.ndarray | None = None,
     skip: bool = True,
-) -> np.ndarray:
-    """Seeded, batch-invariant sampling: ``argmax_j (x_j - max x) / T + G(seed_r, j)``.
+    offset: int = 0,
+    shift: np.ndarray | None = None,
+    return_score: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Seeded, batch-invariant sampling: ``argmax_j (x_j - m_r) / T_r + G(seed_r, offset + j)``.
 
-    The position of token ``j`` is ``j`` itself under row ``r``'s own seed, so a row's draw
-    depends only on its seed and its logits: alone or in any batch, on any thread count.
-    The noise is ``counter_gumbel(seed_r, j)`` of the torch reference (module docstring).
+    The position of token ``j`` is its token id ``offset + j`` under row ``r``'s own seed, so a
+    row's draw depends only on its seed and its logits: alone or in any batch, on any thread
+    count. The noise is ``counter_gumbel(seed_r, offset + j)`` of the torch reference (module
+    docstring). ``m_r`` is the row maximum, or ``shift[r]`` when given.
+
+    Vocabulary sharding: a row split into shards ``x[:, a:b]`` sampled with ``offset=a``,
+    the same ``shift`` (the global row max, equal to ``m_r`` of the whole row) and
+    ``return_score=True`` gives per-shard winners and scores; the winner of the shard with the
+    largest score (the lowest ``offset`` on equal scores) is exactly the whole row's draw,
+    because every element's score is the same float either way.
 
     Args:
         x: C-contiguous (rows, n) float32/float64 logits; ``-inf`` masks a token.
@@ -342,12 +355,22 @@ def sample_seeded(
         min_value: optional (rows,) array: entries with ``x < min_value[r]`` are masked in
             the same pass (the ``threshold`` of :func:`top_p_threshold`, a top-k or min-p cut).
         skip: skip chunks that cannot win (exact).
+        offset: token id of column 0 (>= 0): column ``j`` gets the noise of position
+            ``offset + j``.
+        shift: optional (rows,) finite floats used instead of the row max; the caller
+            guarantees ``shift[r] >= x[r, j]`` for every unmasked ``j`` (e.g. the max over all
+            shards). Cast to x's dtype (rounding keeps the guarantee).
+        return_score: also return the winning scores.
 
     Returns:
-        int64 token ids (rows,).
+        int64 token ids (rows,) (column indices, add ``offset`` for token ids), or with
+        ``return_score`` the pair ``(ids, scores)``: scores of x's dtype (rows,), the exact
+        value ``(x_j - m_r) / T_r + G`` the kernel compared for the winner (``-inf`` when
+        every entry of the row is masked; the id is then meaningless).
 
     Raises:
-        TypeError / ValueError: bad arrays, a seed count that differs from rows, T <= 0.
+        TypeError / ValueError: bad arrays, a seed count that differs from rows, T <= 0,
+            a negative offset, a shift of the wrong shape or not finite.
 
     Example:
         >>> x = np.random.default_rng(0).standard_normal((3, 1000)).astype(np.float32)
@@ -356,28 +379,47 @@ def sample_seeded(
         >>> alone = sample_seeded(x[1:2].copy(), seeds[1:2], temperature=0.7)
         >>> bool(alone[0] == batch[1])  # batch-invariant
         True
+        >>> m = x.max(axis=1)  # two vocabulary shards, the global max as shift
+        >>> ia, sa = sample_seeded(x[:, :600].copy(), seeds, 0.7, shift=m, return_score=True)
+        >>> ib, sb = sample_seeded(x[:, 600:].copy(), seeds, 0.7, offset=600, shift=m, return_score=True)
+        >>> bool(np.array_equal(np.where(sb > sa, ib + 600, ia), batch))
+        True
     """
     x = _as_array(x, "x")
+    rows = x.shape[0]
     if isinstance(row_seeds, torch.Tensor):
         row_seeds = row_seeds.detach().cpu().numpy()
     if not isinstance(row_seeds, np.ndarray) or row_seeds.dtype != np.int64:
         raise TypeError("row_seeds must be an int64 array or tensor; convert it with .astype(np.int64)")
-    if row_seeds.shape not in ((x.shape[0],), (x.shape[0], 1)):
-        raise ValueError(f"row_seeds must have one seed per row ({x.shape[0]},), got {row_seeds.shape}")
+    if row_seeds.shape not in ((rows,), (rows, 1)):
+        raise ValueError(f"row_seeds must have one seed per row ({rows},), got {row_seeds.shape}")
+    offset = _check_offset(offset)
     seeds = np.ascontiguousarray(row_seeds.reshape(-1)).view(np.uint64)
     keys = _kernels().mix64_array(seeds)
     if temperature is None:
-        temps, use = np.ones(x.shape[0], dtype=x.dtype), False
+        temps, use = np.ones(rows, dtype=x.dtype), False
     else:
-        temps, use = _per_row(temperature, x.shape[0], x.dtype, "temperature"), True
-    if min_value is None:
-        lows, use_low = temps, False
-    else:
-        lows = np.asarray(min_value)
-        if lows.shape not in ((x.shape[0],), (x.shape[0], 1)):
-            raise ValueError(f"min_value must have one value per row ({x.shape[0]},), got {lows.shape}")
-        lows, use_low = np.ascontiguousarray(lows.reshape(-1), dtype=x.dtype), True
-    return _run("argmax_perturbed", x.size, x, keys, True, 0, temps, use, bool(skip), lows, use_low)
+        temps, use = _per_row(temperature, rows, x.dtype, "temperature"), True
+    lows, use_low = _row_values(min_value, rows, x.dtype, "min_value", temps)
+    shifts, use_shift = _row_values(shift, rows, x.dtype, "shift", temps)
+    if use_shift and not np.all(np.isfinite(shifts)):
+        raise ValueError("shift must be finite (the max over the unmasked logits of each row)")
+    scores = np.empty(rows, dtype=x.dtype)
+    args = (keys, True, offset, temps, use, bool(skip), lows, use_low, shifts, use_shift, scores)
+    ids = _run("argmax_perturbed", x.size, x, *args)
+    return (ids, scores) if return_score else ids
+
+
+def _row_values(value: object, rows: int, dtype: np.dtype, name: str, unused: np.ndarray) -> tuple[np.ndarray, bool]:
+    """An optional per-row array as ``(array of dtype, True)``; ``(unused, False)`` for None."""
+    if value is None:
+        return unused, False
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.shape not in ((rows,), (rows, 1)):
+        raise ValueError(f"{name} must have one value per row ({rows},), got {arr.shape}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=dtype), True
 
 
 def _softmax(
