@@ -426,6 +426,33 @@ def test_seeded_draws_independent_of_threads_and_batch(threads):
     assert np.array_equal(cf.sample_seeded(x, seeds, temps), full)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_tasks_and_block_tasks_agree(dtype):
+    """Many short rows run one task per row (row max, draw and softmax passes on L2-resident
+    data), one row runs as (row, block) tasks with a separate row-max pass: same bits."""
+    rng = np.random.default_rng(17)
+    rows, n = 12, 20_000
+    assert K._whole_rows(rows, n) and not K._whole_rows(1, n)
+    x = (rng.standard_normal((rows, n)) * rng.uniform(0.1, 5, (rows, 1))).astype(dtype)
+    x[3, ::7] = -np.inf
+    x[4, :1024] = -np.inf  # whole chunks masked
+    seed, off = 99, 1234
+    ids = cf.gumbel_max(x, seed, offset=off)
+    y, a = cf.gumbel_softmax(x, seed, 0.6, offset=off)
+    ly, la = cf.log_gumbel_softmax(x, seed, 0.6, offset=off)
+    hy, ha = cf.gumbel_softmax(x, seed, 0.6, hard=True, offset=off)
+    assert np.array_equal(ids, a) and np.array_equal(ids, la) and np.array_equal(ids, ha)
+    for r in range(rows):
+        row = np.ascontiguousarray(x[r : r + 1])
+        pos = off + r * n
+        assert cf.gumbel_max(row, seed, offset=pos)[0] == ids[r]
+        assert np.array_equal(cf.gumbel_softmax(row, seed, 0.6, offset=pos)[0][0], y[r])
+        assert np.array_equal(cf.log_gumbel_softmax(row, seed, 0.6, offset=pos)[0][0], ly[r])
+        assert np.array_equal(cf.gumbel_softmax(row, seed, 0.6, hard=True, offset=pos)[0][0], hy[r])
+    assert np.all(y[4, :1024] == 0) and np.all(ly[4, :1024] == -np.inf)
+    assert np.allclose(y.astype(np.float64).sum(axis=1), 1, atol=1e-5)
+
+
 def test_results_identical_at_one_and_two_threads():
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((3, 100_000)) * 2).astype(np.float32)

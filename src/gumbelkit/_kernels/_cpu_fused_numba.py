@@ -438,6 +438,18 @@ def _first_index(buf, length, value):
     return -1
 
 
+ROW_TASKS_MIN_ROWS = 8  # at least this many rows ...
+ROW_TASK_MAX_N = 1 << 17  # ... of at most this many elements: one task per row
+
+
+@_jit()
+def _whole_rows(rows, n):
+    """Whether a task takes a whole row (many rows of at most 512 KiB of float32): it then reads
+    its row for the row max and again from L2 for the draw, instead of a separate pass over the
+    whole array from memory. Results do not depend on it (the reductions are per chunk)."""
+    return rows >= ROW_TASKS_MIN_ROWS and n <= ROW_TASK_MAX_N
+
+
 @_jit(parallel=True)
 def row_max(x):
     """Row maxima of a 2-D array (blocked, parallel over (row, block))."""
@@ -505,18 +517,25 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, u
     x < lows[r] are masked (a top-p / top-k / min-p threshold applied in the same pass).
     """
     rows, n = x.shape
-    m = shifts if use_shift else row_max(x)
-    nblk = (n + BLOCK - 1) // BLOCK
+    whole = _whole_rows(rows, n)
+    if use_shift:
+        m = shifts
+    elif whole:
+        m = np.empty(rows, dtype=x.dtype)  # each task takes its row's max itself
+    else:
+        m = row_max(x)
+    bl = n if whole else BLOCK
+    nblk = (n + bl - 1) // bl
     best_v = np.empty(rows * nblk, dtype=x.dtype)
     best_i = np.empty(rows * nblk, dtype=np.int64)
     gmax = _like(G_MAX, x[0, 0])
     for t in prange(rows * nblk):
         r = t // nblk
-        lo = (t % nblk) * BLOCK
-        hi = min(n, lo + BLOCK)
+        lo = (t % nblk) * bl
+        hi = min(n, lo + bl)
         buf = np.empty(CHUNK, dtype=x.dtype)
         xr = x[r]
-        mr = m[r]
+        mr = _buf_max(xr, n) if whole and not use_shift else m[r]
         tau = temps[r] if use_temp else _like(1.0, x[0, 0])
         key = keys[r] if key_by_row else keys[0]
         pos_row = offset if key_by_row else offset + r * n
@@ -574,6 +593,100 @@ def perturb(x, key, offset, out):
     return out
 
 
+@_jit()
+def _softmax_pass1(x, out, r, lo, hi, mr, tau, key, pos_row, cmax, csum, mode, tmp):
+    """Pass 1 of :func:`softmax_perturbed` over the chunks of row r in [lo, hi) (lo a multiple
+    of CHUNK): v = (x - mr) + G into ``out``, the chunk max c into cmax[r, k] and (modes 0, 1)
+    sum exp((v - c) / tau) into csum[r, k]; mode 0 leaves exp((v - c) / tau) in ``out``."""
+    _wide_vectors()
+    orow = out[r]
+    xr = x[r]
+    one = _like(1.0, mr)
+    for c in range(lo, hi, CHUNK):
+        length = min(CHUNK, hi - c)
+        buf = orow[c : c + length]
+        _fill_perturbed(buf, xr, c, length, mr, one, key, pos_row + c)
+        cm = _buf_max(buf, length)
+        k = c // CHUNK
+        cmax[r, k] = cm
+        if mode == 2:
+            continue
+        if cm == -np.inf:
+            csum[r, k] = 0.0
+            if mode == 0:
+                buf[:] = 0.0
+            continue
+        if mode == 0:
+            for j in range(length):
+                buf[j] = _exp((buf[j] - cm) / tau)
+            csum[r, k] = _buf_sum64(buf, length)
+        else:
+            for j in range(length):
+                tmp[j] = _exp((buf[j] - cm) / tau)
+            csum[r, k] = _buf_sum64(tmp, length)
+
+
+@_jit()
+def _softmax_row(cmax, csum, r, tau64, mode):
+    """(M, S) of row r: M = max of the chunk maxima, S = sum_k csum[r, k] exp((c_k - M) / tau)
+    in chunk order (S = 0 in mode 2)."""
+    nch = cmax.shape[1]
+    M = -np.inf
+    for k in range(nch):
+        M = max(M, cmax[r, k])
+    S = 0.0
+    if mode != 2:
+        for k in range(nch):
+            if csum[r, k] > 0.0:
+                S += csum[r, k] * math.exp((cmax[r, k] - M) / tau64)
+    return M, S
+
+
+@_jit()
+def _softmax_argmax(x, out, r, M, mr, key, pos_row, cmax, mode, tmp):
+    """First index of the row maximum M of v, found in the first chunk whose max is M (mode 0
+    overwrote v with exp: that chunk's v is recomputed into ``tmp``)."""
+    n = x.shape[1]
+    one = _like(1.0, mr)
+    target = _like(M, mr)
+    for k in range(cmax.shape[1]):
+        if cmax[r, k] == M:
+            c = k * CHUNK
+            length = min(CHUNK, n - c)
+            if mode == 0:
+                _fill_perturbed(tmp, x[r], c, length, mr, one, key, pos_row + c)
+                return c + _first_index(tmp, length, target)
+            return c + _first_index(out[r, c : c + length], length, target)
+    return -1
+
+
+@_jit()
+def _softmax_scale(out, r, k0, k1, M, S, tau, cmax, csum, best, mode):
+    """Pass 2 over chunks k0 .. k1 - 1 of row r: out *= exp((c_k - M) / tau) / S (mode 0),
+    out = (out - M) / tau - log S (mode 1), the one-hot of ``best`` (mode 2)."""
+    _wide_vectors()
+    n = out.shape[1]
+    tau64 = np.float64(tau)
+    for k in range(k0, k1):
+        c = k * CHUNK
+        length = min(CHUNK, n - c)
+        buf = out[r, c : c + length]
+        if mode == 2:
+            buf[:] = 0.0
+            if best >= c and best < c + length:
+                buf[best - c] = 1.0
+        elif mode == 0:
+            if csum[r, k] > 0.0:
+                scale = _like(math.exp((cmax[r, k] - M) / tau64) / S, tau)
+                for j in range(length):
+                    buf[j] = buf[j] * scale
+        else:
+            Mr = _like(M, tau)
+            lse = _like(math.log(S), tau)
+            for j in range(length):
+                buf[j] = (buf[j] - Mr) / tau - lse
+
+
 @_jit(parallel=True)
 def softmax_perturbed(x, key, offset, taus, out, mode):
     """Fused Gumbel-Softmax over rows: v = (x - m) + G, y = softmax(v / tau).
@@ -585,100 +698,47 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
     c, and (modes 0, 1) s = sum exp((v - c) / tau) in float64; mode 0 leaves exp((v - c)/tau)
     in ``out``. Per row: M = max c, S = sum s exp((c - M) / tau). Pass 2: out *= exp((c - M)
     / tau) / S (mode 0), out = (out - M) / tau - log S (mode 1). Chunks whose every entry is
-    -inf contribute 0 (mode 0) or -inf (mode 1).
+    -inf contribute 0 (mode 0) or -inf (mode 1). Many short rows (:func:`_whole_rows`): one
+    task per row does the row max, both passes and the argmax while the row sits in L2; else
+    (row, block) tasks for pass 1, then the per-row combination and pass 2 in parallel. The
+    floating-point operations and their order are the same either way.
     """
     rows, n = x.shape
-    m = row_max(x)
-    nblk = (n + BLOCK - 1) // BLOCK
     nch = (n + CHUNK - 1) // CHUNK
     cmax = np.empty((rows, nch), dtype=np.float64)
     csum = np.empty((rows, nch), dtype=np.float64)
-    one = _like(1.0, x[0, 0])
+    argmax = np.empty(rows, dtype=np.int64)
+    if _whole_rows(rows, n):
+        for r in prange(rows):
+            tmp = np.empty(CHUNK, dtype=x.dtype)
+            mr = _buf_max(x[r], n)
+            tau = taus[r]
+            pos_row = offset + r * n
+            _softmax_pass1(x, out, r, 0, n, mr, tau, key, pos_row, cmax, csum, mode, tmp)
+            M, S = _softmax_row(cmax, csum, r, np.float64(tau), mode)
+            best = _softmax_argmax(x, out, r, M, mr, key, pos_row, cmax, mode, tmp)
+            argmax[r] = best
+            _softmax_scale(out, r, 0, nch, M, S, tau, cmax, csum, best, mode)
+        return argmax
+    m = row_max(x)
+    nblk = (n + BLOCK - 1) // BLOCK
     for t in prange(rows * nblk):
-        _wide_vectors()
         r = t // nblk
         lo = (t % nblk) * BLOCK
         hi = min(n, lo + BLOCK)
-        tau = taus[r]
-        orow = out[r]
         tmp = np.empty(CHUNK, dtype=x.dtype)
-        for c in range(lo, hi, CHUNK):
-            length = min(CHUNK, hi - c)
-            buf = orow[c : c + length]
-            _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
-            cm = _buf_max(buf, length)
-            k = c // CHUNK
-            cmax[r, k] = cm
-            if mode == 2:
-                continue
-            if cm == -np.inf:
-                csum[r, k] = 0.0
-                if mode == 0:
-                    buf[:] = 0.0
-                continue
-            if mode == 0:
-                for j in range(length):
-                    buf[j] = _exp((buf[j] - cm) / tau)
-                csum[r, k] = _buf_sum64(buf, length)
-            else:
-                for j in range(length):
-                    tmp[j] = _exp((buf[j] - cm) / tau)
-                csum[r, k] = _buf_sum64(tmp, length)
-    argmax = np.empty(rows, dtype=np.int64)
+        _softmax_pass1(x, out, r, lo, hi, m[r], taus[r], key, offset + r * n, cmax, csum, mode, tmp)
     rowM = np.empty(rows, dtype=np.float64)
     rowS = np.empty(rows, dtype=np.float64)
     for r in range(rows):
-        M = -np.inf
-        for k in range(nch):
-            M = max(M, cmax[r, k])
-        rowM[r] = M
-        argmax[r] = -1
-        if mode == 2:
-            continue
-        S = 0.0
-        tau64 = np.float64(taus[r])
-        for k in range(nch):
-            if csum[r, k] > 0.0:
-                S += csum[r, k] * math.exp((cmax[r, k] - M) / tau64)
-        rowS[r] = S
-    # argmax: first index of the row maximum inside the winning chunk (mode 0 overwrote v)
+        rowM[r], rowS[r] = _softmax_row(cmax, csum, r, np.float64(taus[r]), mode)
     for r in prange(rows):
-        M = rowM[r]
-        for k in range(nch):
-            if cmax[r, k] == M:
-                c = k * CHUNK
-                length = min(CHUNK, n - c)
-                if mode == 0:
-                    # recompute v for this chunk only
-                    buf = np.empty(length, dtype=x.dtype)
-                    _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
-                    argmax[r] = c + _first_index(buf, length, _like(M, x[0, 0]))
-                else:
-                    argmax[r] = c + _first_index(out[r, c : c + length], length, _like(M, x[0, 0]))
-                break
+        tmp = np.empty(CHUNK, dtype=x.dtype)
+        argmax[r] = _softmax_argmax(x, out, r, rowM[r], m[r], key, offset + r * n, cmax, mode, tmp)
     for t in prange(rows * nch):
-        _wide_vectors()
         r = t // nch
         k = t % nch
-        c = k * CHUNK
-        length = min(CHUNK, n - c)
-        buf = out[r, c : c + length]
-        if mode == 2:
-            buf[:] = 0.0
-            if argmax[r] >= c and argmax[r] < c + length:
-                buf[argmax[r] - c] = 1.0
-        elif mode == 0:
-            tau64 = np.float64(taus[r])
-            if csum[r, k] > 0.0:
-                scale = _like(math.exp((cmax[r, k] - rowM[r]) / tau64) / rowS[r], x[0, 0])
-                for j in range(length):
-                    buf[j] = buf[j] * scale
-        else:
-            tau = taus[r]
-            Mr = _like(rowM[r], x[0, 0])
-            lse = _like(math.log(rowS[r]), x[0, 0])
-            for j in range(length):
-                buf[j] = (buf[j] - Mr) / tau - lse
+        _softmax_scale(out, r, k, k + 1, rowM[r], rowS[r], taus[r], cmax, csum, argmax[r], mode)
     return argmax
 
 
