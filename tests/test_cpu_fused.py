@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -646,6 +647,24 @@ def test_sample_seeded_with_top_p_threshold_draws_from_the_nucleus(dtype):
     assert chisquare_counts(ids, kept) > 1e-3
     masked = np.where(x >= th[:, None].astype(dtype), x, -np.inf).astype(dtype)
     assert np.array_equal(ids, cf.sample_seeded(masked, np.arange(40_000, dtype=np.int64)))
+
+
+def test_noise_loop_uses_512_bit_vectors_on_avx512():
+    """The speed hint of _wide_vectors takes effect (zmm registers) where the CPU has AVX-512F,
+    and leaves the values alone."""
+    import llvmlite.binding as ll
+
+    features = numba.config.CPU_FEATURES or ll.get_host_cpu_features().flatten()
+    fresh = numba.njit(error_model="numpy", fastmath={"contract"})(K.noise32_chunk.py_func)  # uncached
+    a, b = np.empty(1000, np.float32), np.empty(1000, np.float32)
+    fresh(a, np.uint64(cf.mix64_int(5)), 77, 1000)
+    K.noise32_chunk(b, np.uint64(cf.mix64_int(5)), 77, 1000)
+    assert np.array_equal(a, b)
+    if "+avx512f" not in features.split(","):
+        pytest.skip("no AVX-512F on this CPU: nothing to check")
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    # the float32 polynomials on zmm (without the hint LLVM keeps them on ymm, 8 lanes)
+    assert re.search(r"vfn?madd\d+ps\s+%zmm", asm), "float32 FMAs not on 512-bit registers"
 
 
 def test_docstring_examples():
