@@ -138,12 +138,14 @@ def test_torch_tensors_accepted():
 
 def test_log32_accuracy_over_the_float32_range():
     rng = np.random.default_rng(1)
-    x = np.concatenate([
-        np.exp2(rng.uniform(-126, 127.9, 200_000)),
-        rng.uniform(0.5, 2.0, 100_000),
-        np.nextafter(np.float32(1), np.float32(0)) - np.arange(1000) * 2.0**-24,
-        [np.finfo(np.float32).tiny, np.finfo(np.float32).max, 1.0, 2.0, 0.5],
-    ]).astype(np.float32)
+    x = np.concatenate(
+        [
+            np.exp2(rng.uniform(-126, 127.9, 200_000)),
+            rng.uniform(0.5, 2.0, 100_000),
+            np.nextafter(np.float32(1), np.float32(0)) - np.arange(1000) * 2.0**-24,
+            [np.finfo(np.float32).tiny, np.finfo(np.float32).max, 1.0, 2.0, 0.5],
+        ]
+    ).astype(np.float32)
     got = K.log32_array(x, np.empty_like(x)).astype(np.float64)
     ref = np.log(x.astype(np.float64))
     ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
@@ -199,10 +201,12 @@ def test_transform_keeps_the_tail_against_mpmath():
     g32 = K.gumbel_of_hashes(hashes, np.empty(hashes.size, np.float32)).astype(np.float64)
     g64 = K.gumbel_of_hashes(hashes, np.empty(hashes.size, np.float64))
     mpmath.mp.dps = 40
-    ref = np.array([
-        float(-mpmath.log(-mpmath.log(mpmath.mpf((int(h) >> 11) | 1) * mpmath.mpf(2) ** -53)))
-        for h in hashes.tolist()
-    ])
+    ref = np.array(
+        [
+            float(-mpmath.log(-mpmath.log(mpmath.mpf((int(h) >> 11) | 1) * mpmath.mpf(2) ** -53)))
+            for h in hashes.tolist()
+        ]
+    )
     assert np.all(np.abs(g32 - ref) <= noise_tolerance(ref, np.float32))
     assert np.all(np.abs(g64 - ref) <= noise_tolerance(ref, np.float64))
     # the tail is there: every value up to -log(-log(1 - 2**-53)) = 36.737, gaps 22 and 30 included
@@ -420,7 +424,7 @@ def test_seeded_draws_independent_of_threads_and_batch(threads):
     temps = rng.uniform(0.3, 2.0, 9)
     full = cf.sample_seeded(x, seeds, temps)
     for r in range(9):
-        assert cf.sample_seeded(x[r:r + 1].copy(), seeds[r:r + 1], temps[r:r + 1])[0] == full[r]
+        assert cf.sample_seeded(x[r : r + 1].copy(), seeds[r : r + 1], temps[r : r + 1])[0] == full[r]
     perm = rng.permutation(9)
     assert np.array_equal(cf.sample_seeded(np.ascontiguousarray(x[perm]), seeds[perm], temps[perm]), full[perm])
     numba.set_num_threads(1)
