@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +138,14 @@ def test_torch_tensors_accepted():
 
 def test_log32_accuracy_over_the_float32_range():
     rng = np.random.default_rng(1)
-    x = np.concatenate([
-        np.exp2(rng.uniform(-126, 127.9, 200_000)),
-        rng.uniform(0.5, 2.0, 100_000),
-        np.nextafter(np.float32(1), np.float32(0)) - np.arange(1000) * 2.0**-24,
-        [np.finfo(np.float32).tiny, np.finfo(np.float32).max, 1.0, 2.0, 0.5],
-    ]).astype(np.float32)
+    x = np.concatenate(
+        [
+            np.exp2(rng.uniform(-126, 127.9, 200_000)),
+            rng.uniform(0.5, 2.0, 100_000),
+            np.nextafter(np.float32(1), np.float32(0)) - np.arange(1000) * 2.0**-24,
+            [np.finfo(np.float32).tiny, np.finfo(np.float32).max, 1.0, 2.0, 0.5],
+        ]
+    ).astype(np.float32)
     got = K.log32_array(x, np.empty_like(x)).astype(np.float64)
     ref = np.log(x.astype(np.float64))
     ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
@@ -198,10 +201,12 @@ def test_transform_keeps_the_tail_against_mpmath():
     g32 = K.gumbel_of_hashes(hashes, np.empty(hashes.size, np.float32)).astype(np.float64)
     g64 = K.gumbel_of_hashes(hashes, np.empty(hashes.size, np.float64))
     mpmath.mp.dps = 40
-    ref = np.array([
-        float(-mpmath.log(-mpmath.log(mpmath.mpf((int(h) >> 11) | 1) * mpmath.mpf(2) ** -53)))
-        for h in hashes.tolist()
-    ])
+    ref = np.array(
+        [
+            float(-mpmath.log(-mpmath.log(mpmath.mpf((int(h) >> 11) | 1) * mpmath.mpf(2) ** -53)))
+            for h in hashes.tolist()
+        ]
+    )
     assert np.all(np.abs(g32 - ref) <= noise_tolerance(ref, np.float32))
     assert np.all(np.abs(g64 - ref) <= noise_tolerance(ref, np.float64))
     # the tail is there: every value up to -log(-log(1 - 2**-53)) = 36.737, gaps 22 and 30 included
@@ -419,11 +424,38 @@ def test_seeded_draws_independent_of_threads_and_batch(threads):
     temps = rng.uniform(0.3, 2.0, 9)
     full = cf.sample_seeded(x, seeds, temps)
     for r in range(9):
-        assert cf.sample_seeded(x[r:r + 1].copy(), seeds[r:r + 1], temps[r:r + 1])[0] == full[r]
+        assert cf.sample_seeded(x[r : r + 1].copy(), seeds[r : r + 1], temps[r : r + 1])[0] == full[r]
     perm = rng.permutation(9)
     assert np.array_equal(cf.sample_seeded(np.ascontiguousarray(x[perm]), seeds[perm], temps[perm]), full[perm])
     numba.set_num_threads(1)
     assert np.array_equal(cf.sample_seeded(x, seeds, temps), full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_tasks_and_block_tasks_agree(dtype):
+    """Many short rows run one task per row (row max, draw and softmax passes on L2-resident
+    data), one row runs as (row, block) tasks with a separate row-max pass: same bits."""
+    rng = np.random.default_rng(17)
+    rows, n = 12, 20_000
+    assert K._whole_rows(rows, n) and not K._whole_rows(1, n)
+    x = (rng.standard_normal((rows, n)) * rng.uniform(0.1, 5, (rows, 1))).astype(dtype)
+    x[3, ::7] = -np.inf
+    x[4, :1024] = -np.inf  # whole chunks masked
+    seed, off = 99, 1234
+    ids = cf.gumbel_max(x, seed, offset=off)
+    y, a = cf.gumbel_softmax(x, seed, 0.6, offset=off)
+    ly, la = cf.log_gumbel_softmax(x, seed, 0.6, offset=off)
+    hy, ha = cf.gumbel_softmax(x, seed, 0.6, hard=True, offset=off)
+    assert np.array_equal(ids, a) and np.array_equal(ids, la) and np.array_equal(ids, ha)
+    for r in range(rows):
+        row = np.ascontiguousarray(x[r : r + 1])
+        pos = off + r * n
+        assert cf.gumbel_max(row, seed, offset=pos)[0] == ids[r]
+        assert np.array_equal(cf.gumbel_softmax(row, seed, 0.6, offset=pos)[0][0], y[r])
+        assert np.array_equal(cf.log_gumbel_softmax(row, seed, 0.6, offset=pos)[0][0], ly[r])
+        assert np.array_equal(cf.gumbel_softmax(row, seed, 0.6, hard=True, offset=pos)[0][0], hy[r])
+    assert np.all(y[4, :1024] == 0) and np.all(ly[4, :1024] == -np.inf)
+    assert np.allclose(y.astype(np.float64).sum(axis=1), 1, atol=1e-5)
 
 
 def test_results_identical_at_one_and_two_threads():
@@ -619,6 +651,24 @@ def test_sample_seeded_with_top_p_threshold_draws_from_the_nucleus(dtype):
     assert chisquare_counts(ids, kept) > 1e-3
     masked = np.where(x >= th[:, None].astype(dtype), x, -np.inf).astype(dtype)
     assert np.array_equal(ids, cf.sample_seeded(masked, np.arange(40_000, dtype=np.int64)))
+
+
+def test_noise_loop_uses_512_bit_vectors_on_avx512():
+    """The speed hint of _wide_vectors takes effect (zmm registers) where the CPU has AVX-512F,
+    and leaves the values alone."""
+    import llvmlite.binding as ll
+
+    features = numba.config.CPU_FEATURES or ll.get_host_cpu_features().flatten()
+    fresh = numba.njit(error_model="numpy", fastmath={"contract"})(K.noise32_chunk.py_func)  # uncached
+    a, b = np.empty(1000, np.float32), np.empty(1000, np.float32)
+    fresh(a, np.uint64(cf.mix64_int(5)), 77, 1000)
+    K.noise32_chunk(b, np.uint64(cf.mix64_int(5)), 77, 1000)
+    assert np.array_equal(a, b)
+    if "+avx512f" not in features.split(","):
+        pytest.skip("no AVX-512F on this CPU: nothing to check")
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    # the float32 polynomials on zmm (without the hint LLVM keeps them on ymm, 8 lanes)
+    assert re.search(r"vfn?madd\d+ps\s+%zmm", asm), "float32 FMAs not on 512-bit registers"
 
 
 def test_docstring_examples():

@@ -7,9 +7,10 @@ arrays and assumes validated arguments.
 Layout of the parallel loops: a row of length ``n`` is cut into blocks of ``BLOCK`` elements
 (a fixed number, independent of the thread count), and ``prange`` runs over the
 ``rows * blocks`` (row, block) tasks, so few long rows still use every thread. Inside a task
-the elements are handled in chunks of ``CHUNK`` held in an L1-resident buffer: a
-vectorizable loop fills the buffer (counter hash, Gumbel transform, shift), then small
-reductions read it. Every floating-point reduction has a fixed order that depends on ``n``
+the elements are handled in chunks of ``CHUNK`` held in an L1-resident buffer: one
+vectorized loop fills the buffer (counter hash, Gumbel transform, shifted logit), then small
+reductions read it. The noise loops carry ``_wide_vectors()``, which lets LLVM use 512-bit
+registers on AVX-512 CPUs. Every floating-point reduction has a fixed order that depends on ``n``
 only, so results are bit-identical whatever the number of threads.
 """
 
@@ -161,6 +162,33 @@ def _pow2f(typingctx, n):
     return types.float32(types.float32), codegen
 
 
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers on AVX-512 targets.
+
+    LLVM's x86 cost model prefers 256-bit vectors on AVX-512 CPUs (``prefer-vector-width=256``,
+    against frequency drops on old Xeons), so numba's loops run on ymm registers while the
+    64-bit multiplies of the hash already need zmm (and a core that runs 512-bit instructions
+    turns off one of its 256-bit vector ports). These function attributes (what clang's
+    ``-mprefer-vector-width=512`` sets) make the noise loops 1.5x faster on a Sapphire/Emerald
+    Rapids Xeon. Nothing is changed on targets without AVX-512F, or when llvmlite's internals
+    differ from what this expects (the attributes are only a speed hint).
+    """
+
+    def codegen(context, builder, signature, args):
+        try:
+            features = getattr(context.codegen(), "_tm_features", "") or ""
+            if "+avx512f" in features.split(","):
+                attrs = builder.function.attributes
+                set.add(attrs, '"prefer-vector-width"="512"')  # bypasses llvmlite's list of known flags
+                set.add(attrs, '"min-legal-vector-width"="512"')
+        except Exception:  # pragma: no cover - a speed hint only
+            pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 # --------------------------------------------------------------------------- elementary functions
 
 
@@ -282,7 +310,7 @@ def mix64_array(seeds):
     return out
 
 
-@_jit(fastmath=_HELPER_MATH)
+@_jit(fastmath=_HELPER_MATH, inline="always")
 def gumbel32_from_hash(h):
     """float32 G = -log(-log U), U = (2 floor(h / 2**12) + 1) 2**-53, keeping U's 52-bit tail.
 
@@ -291,7 +319,8 @@ def gumbel32_from_hash(h):
     E = -log U is -log X when X = U, and -log1p(-X) when X = V, the latter as
     -log(w) + (X - t) / w with w = fl(1 - X), t = 1 - w (exact), X - t (exact: the rounding
     error of w) and 1 / w ~ 1 + t + t**2 (the correction is at most 2**-25, so this suffices).
-    (Scalar version for tests; the kernels use the same code inside their loops.)
+    Inlined into the kernels' loops at numba's IR level (``inline="always"``: LLVM's inliner
+    finds the two logs too large, and a call per element does not vectorize).
     """
     msb = h >> _S63
     b = h ^ (_ZERO - msb)
@@ -307,7 +336,7 @@ def gumbel32_from_hash(h):
     return -log32(e)
 
 
-@_jit()
+@_jit(inline="always")
 def gumbel64_from_hash(h):
     """float64 G = -log(-log U), U = (2 floor(h / 2**12) + 1) 2**-53 (exact in float64)."""
     n = (h >> _S11) | _ONE
@@ -317,42 +346,30 @@ def gumbel64_from_hash(h):
 
 @_jit(fastmath=_HELPER_MATH)
 def noise32_chunk(buf, key, pos0, length):
-    """buf[j] = float32 G(key, pos0 + j) for j < length (the loop of gumbel32_from_hash, kept
-    in one function so that LLVM inlines the logs and vectorizes it)."""
-    base = key + np.uint64(pos0) * _GAMMA
+    """buf[j] = float32 G(key, pos0 + j) for j < length (gumbel32_from_hash inlined into a
+    loop that LLVM vectorizes; the counter advances by an addition, not a multiply)."""
+    _wide_vectors()
+    z = key + np.uint64(pos0) * _GAMMA
     for j in range(length):
-        z = base + np.uint64(j) * _GAMMA
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        h = z ^ (z >> _S31)
-        msb = h >> _S63
-        b = h ^ (_ZERO - msb)
-        n = (b >> _S11) | _ONE
-        x = np.float32(np.int64(n)) * np.float32(1.1102230246251565e-16)
-        w = np.float32(1.0) - x
-        upper = msb != _ZERO
-        a = w if upper else x
-        lg = log32(a)
-        t = np.float32(1.0) - w
-        corr = (x - t) * (np.float32(1.0) + t * (np.float32(1.0) + t))
-        e = -lg + corr if upper else -lg
-        buf[j] = -log32(e)
+        buf[j] = gumbel32_from_hash(mix64(z))
+        z += _GAMMA
 
 
 @_jit()
 def noise64_chunk(buf, key, pos0, length):
     """buf[j] = float64 G(key, pos0 + j) for j < length."""
-    base = key + np.uint64(pos0) * _GAMMA
+    _wide_vectors()
+    z = key + np.uint64(pos0) * _GAMMA
     for j in range(length):
-        h = mix64(base + np.uint64(j) * _GAMMA)
-        buf[j] = gumbel64_from_hash(h)
+        buf[j] = gumbel64_from_hash(mix64(z))
+        z += _GAMMA
 
 
 def _gumbel(h, proto):  # pragma: no cover - typing stub, replaced by the overload
     raise NotImplementedError
 
 
-@overload(_gumbel)
+@overload(_gumbel, inline="always")
 def _gumbel_impl(h, proto):
     if proto == types.float32:
         return lambda h, proto: gumbel32_from_hash(h)
@@ -397,6 +414,7 @@ def _noise_chunk_impl(buf, key, pos0, length):
 
 @_jit(fastmath=_REDUCE_MATH)
 def _buf_max(buf, length):
+    _wide_vectors()
     m = buf[0]
     for j in range(1, length):
         m = _fmax(m, buf[j])
@@ -405,6 +423,7 @@ def _buf_max(buf, length):
 
 @_jit(fastmath=_REDUCE_MATH)
 def _buf_sum64(buf, length):
+    _wide_vectors()
     s = 0.0
     for j in range(length):
         s += np.float64(buf[j])
@@ -417,6 +436,18 @@ def _first_index(buf, length, value):
         if buf[j] == value:
             return j
     return -1
+
+
+ROW_TASKS_MIN_ROWS = 8  # at least this many rows ...
+ROW_TASK_MAX_N = 1 << 17  # ... of at most this many elements: one task per row
+
+
+@_jit()
+def _whole_rows(rows, n):
+    """Whether a task takes a whole row (many rows of at most 512 KiB of float32): it then reads
+    its row for the row max and again from L2 for the draw, instead of a separate pass over the
+    whole array from memory. Results do not depend on it (the reductions are per chunk)."""
+    return rows >= ROW_TASKS_MIN_ROWS and n <= ROW_TASK_MAX_N
 
 
 @_jit(parallel=True)
@@ -455,18 +486,22 @@ def noise_fill(flat, key, offset):
 
 @_jit(fastmath=_HELPER_MATH)
 def _fill_perturbed(buf, xrow, lo, length, shift, inv_t, key, pos0):
-    """buf[j] = (xrow[lo + j] - shift) * inv_t + G(key, pos0 + j)."""
-    _noise_chunk(buf, key, pos0, length)
+    """buf[j] = (xrow[lo + j] - shift) * inv_t + G(key, pos0 + j), in one vectorized loop."""
+    _wide_vectors()
+    z = key + np.uint64(pos0) * _GAMMA
     for j in range(length):
-        buf[j] = (xrow[lo + j] - shift) * inv_t + buf[j]
+        buf[j] = (xrow[lo + j] - shift) * inv_t + _gumbel(mix64(z), shift)
+        z += _GAMMA
 
 
 @_jit(fastmath=_HELPER_MATH)
 def _fill_perturbed_div(buf, xrow, lo, length, shift, tau, key, pos0):
     """buf[j] = (xrow[lo + j] - shift) / tau + G(key, pos0 + j) (exact T -> 0 limit)."""
-    _noise_chunk(buf, key, pos0, length)
+    _wide_vectors()
+    z = key + np.uint64(pos0) * _GAMMA
     for j in range(length):
-        buf[j] = (xrow[lo + j] - shift) / tau + buf[j]
+        buf[j] = (xrow[lo + j] - shift) / tau + _gumbel(mix64(z), shift)
+        z += _GAMMA
 
 
 @_jit(parallel=True)
@@ -482,18 +517,25 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, u
     x < lows[r] are masked (a top-p / top-k / min-p threshold applied in the same pass).
     """
     rows, n = x.shape
-    m = shifts if use_shift else row_max(x)
-    nblk = (n + BLOCK - 1) // BLOCK
+    whole = _whole_rows(rows, n)
+    if use_shift:
+        m = shifts
+    elif whole:
+        m = np.empty(rows, dtype=x.dtype)  # each task takes its row's max itself
+    else:
+        m = row_max(x)
+    bl = n if whole else BLOCK
+    nblk = (n + bl - 1) // bl
     best_v = np.empty(rows * nblk, dtype=x.dtype)
     best_i = np.empty(rows * nblk, dtype=np.int64)
     gmax = _like(G_MAX, x[0, 0])
     for t in prange(rows * nblk):
         r = t // nblk
-        lo = (t % nblk) * BLOCK
-        hi = min(n, lo + BLOCK)
+        lo = (t % nblk) * bl
+        hi = min(n, lo + bl)
         buf = np.empty(CHUNK, dtype=x.dtype)
         xr = x[r]
-        mr = m[r]
+        mr = _buf_max(xr, n) if whole and not use_shift else m[r]
         tau = temps[r] if use_temp else _like(1.0, x[0, 0])
         key = keys[r] if key_by_row else keys[0]
         pos_row = offset if key_by_row else offset + r * n
@@ -551,6 +593,100 @@ def perturb(x, key, offset, out):
     return out
 
 
+@_jit()
+def _softmax_pass1(x, out, r, lo, hi, mr, tau, key, pos_row, cmax, csum, mode, tmp):
+    """Pass 1 of :func:`softmax_perturbed` over the chunks of row r in [lo, hi) (lo a multiple
+    of CHUNK): v = (x - mr) + G into ``out``, the chunk max c into cmax[r, k] and (modes 0, 1)
+    sum exp((v - c) / tau) into csum[r, k]; mode 0 leaves exp((v - c) / tau) in ``out``."""
+    _wide_vectors()
+    orow = out[r]
+    xr = x[r]
+    one = _like(1.0, mr)
+    for c in range(lo, hi, CHUNK):
+        length = min(CHUNK, hi - c)
+        buf = orow[c : c + length]
+        _fill_perturbed(buf, xr, c, length, mr, one, key, pos_row + c)
+        cm = _buf_max(buf, length)
+        k = c // CHUNK
+        cmax[r, k] = cm
+        if mode == 2:
+            continue
+        if cm == -np.inf:
+            csum[r, k] = 0.0
+            if mode == 0:
+                buf[:] = 0.0
+            continue
+        if mode == 0:
+            for j in range(length):
+                buf[j] = _exp((buf[j] - cm) / tau)
+            csum[r, k] = _buf_sum64(buf, length)
+        else:
+            for j in range(length):
+                tmp[j] = _exp((buf[j] - cm) / tau)
+            csum[r, k] = _buf_sum64(tmp, length)
+
+
+@_jit()
+def _softmax_row(cmax, csum, r, tau64, mode):
+    """(M, S) of row r: M = max of the chunk maxima, S = sum_k csum[r, k] exp((c_k - M) / tau)
+    in chunk order (S = 0 in mode 2)."""
+    nch = cmax.shape[1]
+    M = -np.inf
+    for k in range(nch):
+        M = max(M, cmax[r, k])
+    S = 0.0
+    if mode != 2:
+        for k in range(nch):
+            if csum[r, k] > 0.0:
+                S += csum[r, k] * math.exp((cmax[r, k] - M) / tau64)
+    return M, S
+
+
+@_jit()
+def _softmax_argmax(x, out, r, M, mr, key, pos_row, cmax, mode, tmp):
+    """First index of the row maximum M of v, found in the first chunk whose max is M (mode 0
+    overwrote v with exp: that chunk's v is recomputed into ``tmp``)."""
+    n = x.shape[1]
+    one = _like(1.0, mr)
+    target = _like(M, mr)
+    for k in range(cmax.shape[1]):
+        if cmax[r, k] == M:
+            c = k * CHUNK
+            length = min(CHUNK, n - c)
+            if mode == 0:
+                _fill_perturbed(tmp, x[r], c, length, mr, one, key, pos_row + c)
+                return c + _first_index(tmp, length, target)
+            return c + _first_index(out[r, c : c + length], length, target)
+    return -1
+
+
+@_jit()
+def _softmax_scale(out, r, k0, k1, M, S, tau, cmax, csum, best, mode):
+    """Pass 2 over chunks k0 .. k1 - 1 of row r: out *= exp((c_k - M) / tau) / S (mode 0),
+    out = (out - M) / tau - log S (mode 1), the one-hot of ``best`` (mode 2)."""
+    _wide_vectors()
+    n = out.shape[1]
+    tau64 = np.float64(tau)
+    for k in range(k0, k1):
+        c = k * CHUNK
+        length = min(CHUNK, n - c)
+        buf = out[r, c : c + length]
+        if mode == 2:
+            buf[:] = 0.0
+            if best >= c and best < c + length:
+                buf[best - c] = 1.0
+        elif mode == 0:
+            if csum[r, k] > 0.0:
+                scale = _like(math.exp((cmax[r, k] - M) / tau64) / S, tau)
+                for j in range(length):
+                    buf[j] = buf[j] * scale
+        else:
+            Mr = _like(M, tau)
+            lse = _like(math.log(S), tau)
+            for j in range(length):
+                buf[j] = (buf[j] - Mr) / tau - lse
+
+
 @_jit(parallel=True)
 def softmax_perturbed(x, key, offset, taus, out, mode):
     """Fused Gumbel-Softmax over rows: v = (x - m) + G, y = softmax(v / tau).
@@ -562,98 +698,47 @@ def softmax_perturbed(x, key, offset, taus, out, mode):
     c, and (modes 0, 1) s = sum exp((v - c) / tau) in float64; mode 0 leaves exp((v - c)/tau)
     in ``out``. Per row: M = max c, S = sum s exp((c - M) / tau). Pass 2: out *= exp((c - M)
     / tau) / S (mode 0), out = (out - M) / tau - log S (mode 1). Chunks whose every entry is
-    -inf contribute 0 (mode 0) or -inf (mode 1).
+    -inf contribute 0 (mode 0) or -inf (mode 1). Many short rows (:func:`_whole_rows`): one
+    task per row does the row max, both passes and the argmax while the row sits in L2; else
+    (row, block) tasks for pass 1, then the per-row combination and pass 2 in parallel. The
+    floating-point operations and their order are the same either way.
     """
     rows, n = x.shape
-    m = row_max(x)
-    nblk = (n + BLOCK - 1) // BLOCK
     nch = (n + CHUNK - 1) // CHUNK
     cmax = np.empty((rows, nch), dtype=np.float64)
     csum = np.empty((rows, nch), dtype=np.float64)
-    one = _like(1.0, x[0, 0])
+    argmax = np.empty(rows, dtype=np.int64)
+    if _whole_rows(rows, n):
+        for r in prange(rows):
+            tmp = np.empty(CHUNK, dtype=x.dtype)
+            mr = _buf_max(x[r], n)
+            tau = taus[r]
+            pos_row = offset + r * n
+            _softmax_pass1(x, out, r, 0, n, mr, tau, key, pos_row, cmax, csum, mode, tmp)
+            M, S = _softmax_row(cmax, csum, r, np.float64(tau), mode)
+            best = _softmax_argmax(x, out, r, M, mr, key, pos_row, cmax, mode, tmp)
+            argmax[r] = best
+            _softmax_scale(out, r, 0, nch, M, S, tau, cmax, csum, best, mode)
+        return argmax
+    m = row_max(x)
+    nblk = (n + BLOCK - 1) // BLOCK
     for t in prange(rows * nblk):
         r = t // nblk
         lo = (t % nblk) * BLOCK
         hi = min(n, lo + BLOCK)
-        tau = taus[r]
-        orow = out[r]
         tmp = np.empty(CHUNK, dtype=x.dtype)
-        for c in range(lo, hi, CHUNK):
-            length = min(CHUNK, hi - c)
-            buf = orow[c : c + length]
-            _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
-            cm = _buf_max(buf, length)
-            k = c // CHUNK
-            cmax[r, k] = cm
-            if mode == 2:
-                continue
-            if cm == -np.inf:
-                csum[r, k] = 0.0
-                if mode == 0:
-                    buf[:] = 0.0
-                continue
-            if mode == 0:
-                for j in range(length):
-                    buf[j] = _exp((buf[j] - cm) / tau)
-                csum[r, k] = _buf_sum64(buf, length)
-            else:
-                for j in range(length):
-                    tmp[j] = _exp((buf[j] - cm) / tau)
-                csum[r, k] = _buf_sum64(tmp, length)
-    argmax = np.empty(rows, dtype=np.int64)
+        _softmax_pass1(x, out, r, lo, hi, m[r], taus[r], key, offset + r * n, cmax, csum, mode, tmp)
     rowM = np.empty(rows, dtype=np.float64)
     rowS = np.empty(rows, dtype=np.float64)
     for r in range(rows):
-        M = -np.inf
-        for k in range(nch):
-            M = max(M, cmax[r, k])
-        rowM[r] = M
-        argmax[r] = -1
-        if mode == 2:
-            continue
-        S = 0.0
-        tau64 = np.float64(taus[r])
-        for k in range(nch):
-            if csum[r, k] > 0.0:
-                S += csum[r, k] * math.exp((cmax[r, k] - M) / tau64)
-        rowS[r] = S
-    # argmax: first index of the row maximum inside the winning chunk (mode 0 overwrote v)
+        rowM[r], rowS[r] = _softmax_row(cmax, csum, r, np.float64(taus[r]), mode)
     for r in prange(rows):
-        M = rowM[r]
-        for k in range(nch):
-            if cmax[r, k] == M:
-                c = k * CHUNK
-                length = min(CHUNK, n - c)
-                if mode == 0:
-                    # recompute v for this chunk only
-                    buf = np.empty(length, dtype=x.dtype)
-                    _fill_perturbed(buf, x[r], c, length, m[r], one, key, offset + r * n + c)
-                    argmax[r] = c + _first_index(buf, length, _like(M, x[0, 0]))
-                else:
-                    argmax[r] = c + _first_index(out[r, c : c + length], length, _like(M, x[0, 0]))
-                break
+        tmp = np.empty(CHUNK, dtype=x.dtype)
+        argmax[r] = _softmax_argmax(x, out, r, rowM[r], m[r], key, offset + r * n, cmax, mode, tmp)
     for t in prange(rows * nch):
         r = t // nch
         k = t % nch
-        c = k * CHUNK
-        length = min(CHUNK, n - c)
-        buf = out[r, c : c + length]
-        if mode == 2:
-            buf[:] = 0.0
-            if argmax[r] >= c and argmax[r] < c + length:
-                buf[argmax[r] - c] = 1.0
-        elif mode == 0:
-            tau64 = np.float64(taus[r])
-            if csum[r, k] > 0.0:
-                scale = _like(math.exp((cmax[r, k] - rowM[r]) / tau64) / rowS[r], x[0, 0])
-                for j in range(length):
-                    buf[j] = buf[j] * scale
-        else:
-            tau = taus[r]
-            Mr = _like(rowM[r], x[0, 0])
-            lse = _like(math.log(rowS[r]), x[0, 0])
-            for j in range(length):
-                buf[j] = (buf[j] - Mr) / tau - lse
+        _softmax_scale(out, r, k, k + 1, rowM[r], rowS[r], taus[r], cmax, csum, argmax[r], mode)
     return argmax
 
 

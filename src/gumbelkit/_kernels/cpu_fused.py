@@ -22,7 +22,8 @@ The noise at position ``p`` of stream ``seed`` is the SplitMix64 counter noise o
 so ``G`` lies in [-3.59, 36.74] and is never infinite or NaN, and ``counter_gumbel(seed, p)``
 of the torch reference is the same value computed in float64. Positions: the flat index
 ``offset + r * n + j`` for :func:`gumbel_noise`, :func:`gumbel_max`, :func:`gumbel_softmax`,
-:func:`gumbel_topk`; the token id ``j`` under the row's own seed for :func:`sample_seeded`. A
+:func:`gumbel_topk`; the token id ``offset + j`` under the row's own seed for
+:func:`sample_seeded`. A
 value depends only on ``(seed, position)``: never on the thread count, the block split or
 the other rows of the batch.
 
@@ -53,11 +54,20 @@ Kernel results
   (the vLLM-style exact skip: the noise is bounded, so the draw is unchanged).
 * :func:`gumbel_softmax` / :func:`log_gumbel_softmax`: ``softmax(((x - m) + G) / tau)`` with a
   per-chunk online max and normalizer (float64), one exp per element and one scaling pass.
-* :func:`sample_seeded`: per-row seeds, position = token id, optional per-row temperature
-  ``argmax_j (x_j - m) / T + G_j`` (division, so ``T -> 0`` gives the greedy limit).
+* :func:`sample_seeded`: per-row seeds, position = token id (``offset + j`` for a vocabulary
+  shard), optional per-row temperature ``argmax_j (x_j - m) / T + G_j`` (division, so
+  ``T -> 0`` gives the greedy limit); ``shift`` replaces ``m`` (the global max over shards) and
+  ``return_score`` returns the winning scores, so shard winners merge into the exact draw.
 * :func:`top_p_threshold`: exact nucleus threshold in float64 masses without a full sort.
 * :func:`kth_largest`: the k-th largest value per row (a top-k threshold) without a sort.
 * :func:`sample_kept`: :func:`sample_seeded` with ``min_value``, skipping what cannot win.
+
+Speed: per element, the float32 kernels cost one SplitMix64 hash (two 64-bit multiplies),
+two float32 logs and a few operations, in one vectorized loop that also forms the shifted
+logit; on AVX-512 CPUs that loop runs on 512-bit registers (set in code, no environment
+variable). Many rows of at most ``2**17`` elements run one task per row (the row max, the draw
+and both softmax passes read the row from L2); otherwise tasks are (row, block) pairs. Either
+way the results are the same bits (docs/benchmarks_fused.md has the figures).
 
 Masked entries (``-inf``) are never drawn and get probability 0 / log-probability ``-inf``.
 Every row must have a finite maximum (no NaN, no ``+inf``, not all ``-inf``): validation is
