@@ -702,3 +702,54 @@ def test_unwritable_cache_falls_back_to_compiling(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     ref = torch_noise(7, np.arange(3)).round(6).tolist()
     assert res.stdout.strip().splitlines()[-1] == str(ref)
+
+
+# --------------------------------------------------------------------------- the fused backward
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7), (5, 40_000), (70, 1000)])
+def test_softmax_backward_matches_float64(dtype, shape):
+    rng = np.random.default_rng(0)
+    y = rng.dirichlet(np.ones(shape[1]) * 0.3, size=shape[0]).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    tau = rng.uniform(0.1, 2.0, shape[0])
+    got = cf.softmax_backward(y, g, tau)
+    y64, g64 = y.astype(np.float64), g.astype(np.float64)
+    want = y64 * (g64 - (y64 * g64).sum(-1, keepdims=True)) / tau[:, None]
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    assert got.dtype == dtype
+    assert np.abs(got - want).max() <= tol * (1 + np.abs(g64).max())
+    assert np.array_equal(cf.softmax_backward(y, g, float(tau[0]))[0], cf.softmax_backward(y[:1], g[:1], tau[0])[0])
+
+
+def test_softmax_backward_keeps_nan_and_rejects_bad_input():
+    y = np.full((1, 4), 0.25)
+    g = np.array([[1.0, np.nan, 0.0, 0.0]])
+    assert np.isnan(cf.softmax_backward(y, g)).all()  # a NaN gradient is not hidden
+    with pytest.raises(ValueError, match="grad must match"):
+        cf.softmax_backward(y, g[:, :3])
+    with pytest.raises(ValueError, match="tau"):
+        cf.softmax_backward(y, g, 0.0)
+
+
+def test_eager_backward_uses_the_fused_kernel_and_agrees(monkeypatch):
+    """The eager gradient (fused kernel) equals the plain-ops formula's to rounding."""
+    import gumbelkit as gk
+    from gumbelkit._kernels import gumbel_softmax as gsm
+
+    monkeypatch.setenv("GUMBELKIT_BACKEND", "numba")
+    calls = []
+    real = gsm._fused_backward
+    monkeypatch.setattr(gsm, "_fused_backward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(gsm, "_fused_backward", lambda *a: None)
+        y = gk.gumbel_softmax(x, tau=0.4, hard=True, generator=torch.Generator().manual_seed(2))
+        (g,) = torch.autograd.grad((y * w).sum(), x)
+        grads.append(g)
+    assert calls and calls[0] == 1
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -1178,3 +1178,27 @@ def top_k_sample_rows(x, ks, keys, m, temps, thresholds):
                     bi = c + idx
         out[r] = bi
     return out
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@_jit(parallel=True, fastmath={"reassoc", "contract"})
+def softmax_backward(y, g, tau, out):
+    """out[r] = y[r] (g[r] - <g[r], y[r]>) / tau[r]: the softmax backward in two passes per row.
+
+    ``<g, y>`` is summed in float64 in an order fixed by the row length (so the bits do not
+    depend on the thread count); no ``nnan``: a NaN gradient stays NaN.
+    """
+    for r in prange(y.shape[0]):
+        yr = y[r]
+        gr = g[r]
+        orow = out[r]
+        s = 0.0
+        for j in range(yr.shape[0]):
+            s += np.float64(gr[j]) * np.float64(yr[j])
+        sc = _like(s, yr[0])
+        t = _like(tau[r], yr[0])
+        for j in range(yr.shape[0]):
+            orow[j] = yr[j] * (gr[j] - sc) / t
+    return out

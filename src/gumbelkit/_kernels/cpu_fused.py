@@ -96,6 +96,7 @@ __all__ = [
     "mix64_int",
     "sample_kept",
     "sample_seeded",
+    "softmax_backward",
     "top_k_sample",
     "top_p_threshold",
 ]
@@ -484,6 +485,34 @@ def log_gumbel_softmax(
     Same arguments as :func:`gumbel_softmax`; returns ``(log_y, argmax)``.
     """
     return _softmax(x, seed, tau, out, offset, 1)
+
+
+def softmax_backward(y: np.ndarray, grad: np.ndarray, tau: object = 1.0) -> np.ndarray:
+    r"""The Gumbel-Softmax (softmax) backward, fused: :math:`y (g - \langle g, y \rangle) / \tau` per row.
+
+    Two passes over ``y`` and ``g`` (the row's inner product, summed in float64, then the
+    write) where the torch formula makes four; used by the eager backward when no graph of
+    the gradient is built (:mod:`gumbelkit._kernels.gumbel_softmax`).
+
+    Args:
+        y: C-contiguous (rows, n) float32/float64 softmax output.
+        grad: the upstream gradient, same shape and dtype.
+        tau: positive temperature, a float or one per row.
+
+    Returns:
+        The gradient with respect to the logits, a new array like ``y``.
+
+    Example:
+        >>> y = np.array([[0.25, 0.75]]); g = np.array([[1.0, 0.0]])
+        >>> softmax_backward(y, g, 0.5).round(4).tolist()
+        [[0.375, -0.375]]
+    """
+    y = _as_array(y, "y")
+    grad = _as_array(grad, "grad")
+    if grad.shape != y.shape or grad.dtype != y.dtype:
+        raise ValueError(f"grad must match y ({y.shape}, {y.dtype}), got {grad.shape}, {grad.dtype}")
+    taus = _per_row(tau, y.shape[0], np.float64, "tau")
+    return _run("softmax_backward", y.size, y, grad, taus, np.empty_like(y))
 
 
 def perturbed_logits(x: np.ndarray, seed: int, offset: int = 0, out: np.ndarray | None = None) -> np.ndarray:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._validation import compute_dtype
+from .dispatch import cpu_kernels
 from .ops import HARD, LOG, gumbel_softmax_forward, softmax_of_perturbed_
 
 __all__ = [
@@ -50,6 +51,26 @@ def _log_y(y: Tensor, mode: int) -> Tensor:
 def _times_log_y(w: Tensor, log_y: Tensor) -> Tensor:
     """``w * log y`` with 0 where ``y = 0`` (``0 * log 0 = 0``)."""
     return torch.where(torch.isinf(log_y), torch.zeros_like(w), w * log_y)
+
+
+def _fused_backward(y: Tensor, grad: Tensor, tau_t: Tensor | None, ctx) -> Tensor | None:
+    """``y (grad - <grad, y>) / tau`` by the fused CPU kernel (two passes instead of four), or None.
+
+    Only for plain eager CPU tensors, the category dimension last and a float temperature, while
+    no graph of the gradient is built: compilers, ``torch.func`` transforms and double backward
+    take the plain-ops formula, which they can see through.
+    """
+    if ctx.mode == LOG or tau_t is not None or ctx.dim not in (-1, y.dim() - 1):
+        return None
+    if y.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(grad) or torch._C._get_tracing_state():
+        return None
+    fused = cpu_kernels(y) if type(grad) is torch.Tensor and grad.device.type == "cpu" else None
+    if fused is None:
+        return None
+    n = y.shape[-1]
+    out = fused.softmax_backward(y.reshape(-1, n).contiguous().numpy(), grad.reshape(-1, n).contiguous().numpy(),
+                                 ctx.tau)
+    return torch.from_numpy(out).view(y.shape)
 
 
 class GumbelSoftmaxFunction(torch.autograd.Function):
@@ -95,6 +116,9 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         dim = ctx.dim
         # in place where no graph is being built (create_graph=False): two passes fewer
         inplace = not torch.is_grad_enabled()
+        fused = _fused_backward(yc, grad, tau_t, ctx) if inplace and ctx.needs_input_grad[0] else None
+        if fused is not None:
+            return fused.to(y.dtype), None, None, None, None, None, None, None
         if ctx.mode == LOG:
             p = torch.exp(yc)
             w = grad - p * grad.sum(dim, keepdim=True)
