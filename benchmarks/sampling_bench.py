@@ -19,7 +19,7 @@ is shared; the minimum is the least disturbed):
 * small inputs (4x8): ``sample(temperature=0.8)`` vs ``multinomial(softmax(x / 0.8))`` in
   microseconds (the call overhead).
 
-Prints a markdown table; ``--write-docs`` also writes it into docs/benchmarks.md between
+Prints a markdown table; ``--write-docs`` also writes it into docs/benchmarks_sampling.md between
 ``<!-- sampling:start -->`` and ``<!-- sampling:end -->`` (the rest of the file is kept).
 """
 
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def write_docs(lines: list[str]) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
+    path = ROOT / "docs" / "benchmarks_sampling.md"
     text = path.read_text()
     block = f"{START}\n" + "\n".join(lines) + f"\n{END}"
     if START in text and END in text:
@@ -207,7 +207,7 @@ def write_docs(lines: list[str]) -> None:
         _, tail = rest.split(END, 1)
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n## Token sampling (`gumbelkit.sample`, issue 13)\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per side per round")
-    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks_sampling.md")
     args = parser.parse_args()
     lines = run(args)
     print("\n".join(lines))

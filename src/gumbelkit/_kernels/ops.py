@@ -358,6 +358,9 @@ def gumbel_max_forward(logits: Tensor, seed: Tensor, mask: Tensor | None, dim: i
 def _spans_overflow(rows: Tensor) -> Tensor:
     """Per row: do the finite logits lie so far apart that ``x - max x`` overflows to -inf?"""
     lowest = torch.finfo(rows.dtype).min
+    low = rows.amin(-1)
+    if not bool(torch.isneginf(low).any()):  # no -inf entry: no copy of the rows needed
+        return torch.isinf(rows.amax(-1) - low)
     return torch.isinf(rows.amax(-1) - rows.masked_fill(torch.isneginf(rows), 0.0).amin(-1).clamp(min=lowest))
 
 
