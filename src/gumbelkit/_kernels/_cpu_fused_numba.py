@@ -504,6 +504,26 @@ def _fill_perturbed_div(buf, xrow, lo, length, shift, tau, key, pos0):
         z += _GAMMA
 
 
+@_jit()
+def _merge_block_winners(best_v, best_i, rows, nblk, scores):
+    """Per row, the winner over its ``nblk`` blocks' winners (``best_i < 0``: the block had
+    none): the largest score, ties to the earlier block, i.e. the lowest index. Writes the
+    winning score to ``scores`` and returns the int64 indices (-1 where no block had one)."""
+    out = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        bv = -np.inf
+        bi = -1
+        for b in range(nblk):
+            v = best_v[r * nblk + b]
+            i = best_i[r * nblk + b]
+            if i >= 0 and (bi < 0 or v > bv):
+                bv = v
+                bi = i
+        out[r] = bi
+        scores[r] = bv
+    return out
+
+
 @_jit(parallel=True)
 def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, use_low, shifts, use_shift, scores):
     """Per row, argmax_j ((x_j - m) / T + G(key, position)), ties to the lowest index.
@@ -563,19 +583,7 @@ def argmax_perturbed(x, keys, key_by_row, offset, temps, use_temp, skip, lows, u
                     bi = c + idx
         best_v[t] = bv
         best_i[t] = bi
-    out = np.empty(rows, dtype=np.int64)
-    for r in range(rows):
-        bv = -np.inf
-        bi = -1
-        for b in range(nblk):
-            v = best_v[r * nblk + b]
-            i = best_i[r * nblk + b]
-            if i >= 0 and (bi < 0 or v > bv):
-                bv = v
-                bi = i
-        out[r] = bi
-        scores[r] = bv
-    return out
+    return _merge_block_winners(best_v, best_i, rows, nblk, scores)
 
 
 @_jit(parallel=True)
@@ -1106,18 +1114,7 @@ def sample_above(x, keys, m, temps, lows, block):
                         bi = c + idx
         best_v[t] = bv
         best_i[t] = bi
-    out = np.empty(rows, dtype=np.int64)
-    for r in range(rows):
-        bv = -np.inf
-        bi = -1
-        for b in range(nblk):
-            v = best_v[r * nblk + b]
-            i = best_i[r * nblk + b]
-            if i >= 0 and (bi < 0 or v > bv):
-                bv = v
-                bi = i
-        out[r] = bi
-    return out
+    return _merge_block_winners(best_v, best_i, rows, nblk, np.empty(rows, dtype=best_v.dtype))
 
 
 
