@@ -59,7 +59,7 @@ dist: $(TEST_LITE_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/bench_core.py --write-docs
 	$(BIN)/python benchmarks/bench_estimators.py --write-docs
-	$(BIN)/python benchmarks/sampling_bench.py
+	$(BIN)/python benchmarks/sampling_bench.py --write-docs
 	$(BIN)/python benchmarks/bench_fused.py
 	$(BIN)/python benchmarks/bench_overhead.py
 
