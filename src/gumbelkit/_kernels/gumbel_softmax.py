@@ -60,7 +60,7 @@ def _fused_backward(y: Tensor, grad: Tensor, tau_t: Tensor | None, ctx) -> Tenso
     no graph of the gradient is built: compilers, ``torch.func`` transforms and double backward
     take the plain-ops formula, which they can see through.
     """
-    if ctx.mode == LOG or tau_t is not None or ctx.dim not in (-1, y.dim() - 1):
+    if torch.compiler.is_compiling() or ctx.mode == LOG or tau_t is not None or ctx.dim not in (-1, y.dim() - 1):
         return None
     if y.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(grad) or torch._C._get_tracing_state():
         return None
