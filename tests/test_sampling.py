@@ -812,6 +812,21 @@ def test_bad_tensor_values_are_checked_before_work(kwargs, match):
         sample(torch.zeros(2, 5), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_k=2**63), r"top_k must fit in int64, got 9223372036854775808; use 0 or None"),
+        (dict(top_k=-(2**64)), r"top_k must fit in int64"),
+        (dict(min_tokens_to_keep=2**70), r"min_tokens_to_keep must fit in int64"),
+        (dict(top_k=-1), r"top_k must lie in .*, got -1$"),  # an int is shown as the int given
+        (dict(min_tokens_to_keep=0), r"got 0$"),
+    ],
+)
+def test_bad_python_ints_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(torch.zeros(2, 5), **kwargs)
+
+
 # ---------------------------------------------------------------------- the structure
 
 

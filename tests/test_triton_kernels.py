@@ -201,6 +201,21 @@ def test_public_functions_run_the_operators(triton_on_cpu):
     assert torch.equal(gk.gumbel_max(xd, generator=g), ((xd - xd.amax(-1, keepdim=True)) + n).argmax(-1))
 
 
+@pytest.mark.parametrize(("shape", "dim"), [((4, 8), 0), ((3, 5, 7), 1), ((3, 5, 7), 0), ((2, 9000), 0)])
+def test_any_dim_uses_the_noise_of_gumbel_noise_like(triton_on_cpu, shape, dim):
+    """The noise of an entry is the one at its flat index in the caller's tensor, for any dim."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(15))
+    g = torch.Generator()
+    g.manual_seed(1)
+    n = gk.gumbel_noise_like(x, generator=g).double()
+    z = (x.double() - x.double().amax(dim, keepdim=True)) + n
+    g.manual_seed(1)
+    y = gk.gumbel_softmax(x, 0.7, dim=dim, generator=g)
+    torch.testing.assert_close(y.double(), torch.softmax(z / 0.7, dim), atol=2e-6, rtol=1e-4)
+    g.manual_seed(1)
+    assert torch.equal(gk.gumbel_max(x, dim=dim, generator=g), z.argmax(dim))
+
+
 def test_dispatch_never_sends_cpu_tensors_to_triton(monkeypatch):
     cpu = torch.zeros(2, 3)
     for backend in ("auto", "torch", "triton"):

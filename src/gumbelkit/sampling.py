@@ -129,11 +129,14 @@ def _row_param(value: object, name: str, batch: int, device: torch.device) -> to
         return value.to(dtype).expand(batch).contiguous()
     if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
         raise TypeError(f"{name} must be {'an int' if integer else 'a float'} or a tensor, got {type(value).__name__}")
+    if integer and not -(2**63) <= value < 2**63:
+        hint = "; use 0 or None for no top-k" if name == "top_k" else ""
+        raise ValueError(f"{name} must fit in int64, got {value}{hint}")
     v = float(value)
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
     if not (above and below):  # NaN fails both
-        raise ValueError(_out_of_range_message(name, v))
+        raise ValueError(_out_of_range_message(name, value))
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 

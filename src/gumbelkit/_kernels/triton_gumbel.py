@@ -33,6 +33,8 @@ tracing them, so the compile/export behaviour itself is checked only on a GPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -72,17 +74,24 @@ def _noise_kernel(OUT, seed_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols):
-    """(x - rowmax) + g in float32 on one tile (-inf at -inf logits and outside the tile)."""
+def _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols, inner):
+    """(x - rowmax) + g in float32 on one tile (-inf at -inf logits and outside the tile).
+
+    The noise of the entry at (row, col) of the (rows, cols) view is the one at its flat index
+    in the caller's tensor, where the category dimension has ``inner`` elements after it:
+    ``(row // inner) * n_cols * inner + col * inner + row % inner`` (``row * n_cols + col``
+    when it is the last dimension), so ``gumbel_noise_like`` gives the noise used for any dim.
+    """
     m2 = rmask[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + base + cols[None, :], mask=m2, other=-float("inf")).to(tl.float32)
     m = tl.load(ROWMAX + rows, mask=rmask, other=0.0)
-    z = (x - m[:, None]) + _gumbel(seed, base + cols[None, :])
+    flat = ((rows // inner) * n_cols * inner + rows % inner)[:, None] + cols[None, :] * inner
+    z = (x - m[:, None]) + _gumbel(seed, flat)
     return tl.where(m2, z, -float("inf")), m2
 
 
 @triton.jit
-def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
+def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inner, inv_tau,
                         SINGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
@@ -90,7 +99,7 @@ def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
     base = rows[:, None] * n_cols
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)
-        z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols)
+        z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols, inner)
         zmax = tl.max(z, 1)
         e = tl.where(z == -float("inf"), 0.0, tl.exp((z - zmax[:, None]) * inv_tau))
         y = e / tl.sum(e, 1)[:, None]
@@ -103,7 +112,7 @@ def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
         best = tl.zeros((BLOCK_M,), tl.int32)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols)
+            z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols, inner)
             tile_max = tl.max(z, 1)
             tile_arg = tl.argmax(z, 1).to(tl.int32) + start
             new_max = tl.maximum(zmax, tile_max)
@@ -115,30 +124,33 @@ def _softmax_fwd_kernel(X, Y, IDX, ROWMAX, seed_ptr, n_rows, n_cols, inv_tau,
         # pass 2: regenerate the same noise and write the normalized sample
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols)
+            z, m2 = _scores(X, ROWMAX, seed, rows, cols, base, rmask, n_cols, inner)
             e = tl.where(z == -float("inf"), 0.0, tl.exp((z - zmax[:, None]) * inv_tau))
             tl.store(Y + base + cols[None, :], (e / norm[:, None]).to(Y.dtype.element_ty), mask=m2)
         tl.store(IDX + rows, best.to(tl.int64), mask=rmask)
 
 
 @triton.jit
-def _max_partial_kernel(X, ROWMAX, VAL, IDX, seed_ptr, n_rows, n_cols, n_tiles, BLOCK_M: tl.constexpr,
+def _max_partial_kernel(X, ROWMAX, VAL, IDX, seed_ptr, n_rows, n_cols, inner, n_tiles, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """Max and argmax of the scores over one (BLOCK_M x BLOCK_N) tile: rows split across programs."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tile = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n_rows
-    z, _ = _scores(X, ROWMAX, tl.load(seed_ptr), rows, cols, rows[:, None] * n_cols, rmask, n_cols)
+    z, _ = _scores(X, ROWMAX, tl.load(seed_ptr), rows, cols, rows[:, None] * n_cols, rmask, n_cols, inner)
     tl.store(VAL + rows * n_tiles + tile, tl.max(z, 1), mask=rmask)
     tl.store(IDX + rows * n_tiles + tile, tl.argmax(z, 1).to(tl.int64) + tile * BLOCK_N, mask=rmask)
 
 
 # ----------------------------------------------------------------------------- host side
 
-def _as_rows(t: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...]]:
+def _as_rows(t: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...], int]:
+    """``(rows, moved shape, inner)``: ``t`` as a contiguous (rows, categories) matrix, the
+    shape with ``dim`` moved last, and the number of elements after ``dim`` in ``t``."""
     moved = t.movedim(dim, -1)
-    return moved.reshape(-1, moved.shape[-1]).contiguous(), tuple(moved.shape)
+    inner = math.prod(t.shape[dim % t.dim() + 1:])
+    return moved.reshape(-1, moved.shape[-1]).contiguous(), tuple(moved.shape), inner
 
 
 def _tiles(n_cols: int, itemsize: int) -> tuple[bool, int, int]:
@@ -174,14 +186,15 @@ def triton_gumbel_softmax(logits: Tensor, seed: Tensor, tau: float, dim: int, ha
     backward pass is the closed form in :mod:`gumbelkit._kernels.gumbel_softmax`.
     """
     row_max = _row_max(logits, dim)
-    x, shape = _as_rows(logits, dim)
+    x, shape, inner = _as_rows(logits, dim)
     _check_offsets(x.numel())
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     index = torch.empty(n_rows, dtype=torch.int64, device=x.device)
     single, bm, bn = _tiles(n_cols, x.element_size())
     wrap_triton(_softmax_fwd_kernel)[(triton.cdiv(n_rows, bm),)](
-        x, y, index, row_max, _philox_seed(seed), n_rows, n_cols, 1.0 / tau, SINGLE=single, BLOCK_M=bm, BLOCK_N=bn)
+        x, y, index, row_max, _philox_seed(seed), n_rows, n_cols, inner, 1.0 / tau, SINGLE=single, BLOCK_M=bm,
+        BLOCK_N=bn)
     y = y.view(shape).movedim(-1, dim)
     if not hard:
         return y, index.new_empty(0)
@@ -193,7 +206,7 @@ def triton_gumbel_max(logits: Tensor, seed: Tensor, dim: int) -> Tensor:
     """``argmax((x - max x) + g)`` along ``dim`` (kept with size 1): each program reduces one tile,
     then a tiny reduction over the tiles."""
     row_max = _row_max(logits, dim)
-    x, shape = _as_rows(logits, dim)
+    x, shape, inner = _as_rows(logits, dim)
     _check_offsets(x.numel())
     n_rows, n_cols = x.shape
     bn = min(triton.next_power_of_2(n_cols), 4096)
@@ -202,7 +215,7 @@ def triton_gumbel_max(logits: Tensor, seed: Tensor, dim: int) -> Tensor:
     val = torch.empty(n_rows, n_tiles, dtype=torch.float32, device=x.device)
     idx = torch.empty(n_rows, n_tiles, dtype=torch.int64, device=x.device)
     wrap_triton(_max_partial_kernel)[(triton.cdiv(n_rows, bm), n_tiles)](
-        x, row_max, val, idx, _philox_seed(seed), n_rows, n_cols, n_tiles, BLOCK_M=bm, BLOCK_N=bn)
+        x, row_max, val, idx, _philox_seed(seed), n_rows, n_cols, inner, n_tiles, BLOCK_M=bm, BLOCK_N=bn)
     best_tile = val.argmax(1, keepdim=True)
     return idx.gather(1, best_tile).view(shape[:-1]).unsqueeze(dim)
 
