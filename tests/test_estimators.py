@@ -22,6 +22,7 @@ from scipy import stats
 
 import gumbelkit.estimators as est
 import strategies
+from compile_check import eager_and_compiled
 from gumbelkit import _estimator_report as report
 from gumbelkit import gumbel_max
 from gumbelkit._kernels import estimators as kern
@@ -641,17 +642,9 @@ def _case(dtype=torch.float32):
 
 @pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)
 def test_compile_forward_and_backward_match_eager(method, kw):
-    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
-    f = _sampler(method, kw)
-    logits, upstream = _case()
-    x = logits.clone().requires_grad_(True)
-    (f(x) * upstream).sum().backward()
-    y = logits.clone().requires_grad_(True)
-    with torch._inductor.config.patch(fallback_random=True):
-        out = torch.compile(f)(y)
-    (out * upstream).sum().backward()
-    assert torch.equal(out, f(logits))
-    torch.testing.assert_close(y.grad, x.grad)
+    expected, grad, out, compiled_grad = eager_and_compiled(_sampler(method, kw), *_case())
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(compiled_grad, grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -659,25 +652,15 @@ def test_compile_forward_and_backward_match_eager(method, kw):
 def test_compile_fullgraph_without_generator_matches_eager(method, kw, dtype):
     """No graph break: torch.compile(fullgraph=True), same sample and gradient as eager for the
     same torch.manual_seed (inductor told to use torch's random ops)."""
-    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
     def f(x):
         return est.sample(x, method, tau=0.7, **kw)
 
-    logits, upstream = _case()
-    logits, upstream = logits.to(dtype), upstream.to(dtype)
-    torch.manual_seed(0)
-    x = logits.clone().requires_grad_(True)
-    expected = f(x)
-    (expected * upstream).sum().backward()
-    y = logits.clone().requires_grad_(True)
-    with torch._inductor.config.patch(fallback_random=True):
-        torch.manual_seed(0)
-        out = torch.compile(f, fullgraph=True)(y)
-    (out * upstream).sum().backward()
+    logits, upstream = (t.to(dtype) for t in _case())
+    expected, grad, out, compiled_grad = eager_and_compiled(f, logits, upstream, fullgraph=True, seed=0)
     assert torch.equal(out, expected)
     # inductor computes bfloat16 chains in float32 and rounds once: the gradients differ by rounding
     tol = {"atol": 2e-3, "rtol": 5e-2} if dtype == torch.bfloat16 else {}
-    torch.testing.assert_close(y.grad, x.grad, **tol)
+    torch.testing.assert_close(compiled_grad, grad, **tol)
 
 
 @pytest.mark.parametrize("method,kw", COMPOSE, ids=COMPOSE_IDS)

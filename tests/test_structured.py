@@ -18,6 +18,7 @@ from scipy import stats
 import gumbelkit as gk
 import gumbelkit.structured as gks
 import strategies
+from compile_check import eager_and_compiled
 from gumbelkit.distributions import PlackettLuce
 from gumbelkit.structured import gumbel_sinkhorn, matching, relaxed_topk
 
@@ -556,38 +557,21 @@ def _seeded(name):
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
 def test_structured_compile_matches_eager(name):
-    torch._dynamo.reset()  # each test compiles afresh (no recompile limit across tests)
-    f = _seeded(name)
     x0 = torch.randn(4, 4, generator=gen(61))
     w = torch.randn(4, 4, generator=gen(62))
-    x = x0.clone().requires_grad_(True)
-    (f(x) * w).sum().backward()
-    y = x0.clone().requires_grad_(True)
-    with torch._inductor.config.patch(fallback_random=True):
-        out = torch.compile(f)(y)
-    (out * w).sum().backward()
-    torch.testing.assert_close(out, f(x0))
-    torch.testing.assert_close(y.grad, x.grad)
+    expected, grad, out, compiled_grad = eager_and_compiled(_seeded(name), x0, w)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(compiled_grad, grad)
 
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
 def test_structured_compile_fullgraph_without_generator_matches_eager(name):
     """No graph break without a generator (the checks and the solver are registered operators)."""
-    torch._dynamo.reset()
-    f = STRUCTURED[name]
     x0 = torch.randn(4, 4, generator=gen(69))
     w = torch.randn(4, 4, generator=gen(70))
-    torch.manual_seed(0)
-    x = x0.clone().requires_grad_(True)
-    expected = f(x)
-    (expected * w).sum().backward()
-    y = x0.clone().requires_grad_(True)
-    with torch._inductor.config.patch(fallback_random=True):
-        torch.manual_seed(0)
-        out = torch.compile(f, fullgraph=True)(y)
-    (out * w).sum().backward()
+    expected, grad, out, compiled_grad = eager_and_compiled(STRUCTURED[name], x0, w, fullgraph=True, seed=0)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(y.grad, x.grad)
+    torch.testing.assert_close(compiled_grad, grad)
 
 
 @pytest.mark.parametrize("name", list(STRUCTURED))
