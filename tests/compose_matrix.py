@@ -72,23 +72,25 @@ class _VAE(nn.Module):
         return out.nll + out.kl
 
 
-_MODULES: dict[tuple[str, str], nn.Module] = {}
-
-
 def _module_row(make: Callable[[], nn.Module], **kw) -> Row:
-    """A row calling one module instance (weights fixed by seed; a copy per device)."""
+    """A row calling one module instance (weights fixed by seed; a copy per other device).
+
+    The instance is built here, at import, not inside the first cell that calls it: building
+    draws the initial weights, which a cell's context (vmap, fullgraph, forward AD) may refuse.
+    """
 
     def build() -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return make()
 
-    key = str(id(make))
+    instances = {"cpu": build()}
 
     def fn(x, g):
-        if (key, str(x.device)) not in _MODULES:
-            _MODULES[key, str(x.device)] = build().to(x.device)
-        return _MODULES[key, str(x.device)](x)
+        device = str(x.device)
+        if device not in instances:
+            instances[device] = copy.deepcopy(instances["cpu"]).to(x.device)
+        return instances[device](x)
 
     return Row(fn, generator=False, module=build, **kw)
 
