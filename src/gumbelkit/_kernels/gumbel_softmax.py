@@ -31,7 +31,6 @@ __all__ = [
     "GumbelSoftmaxFunction",
     "apply_gumbel_softmax",
     "gumbel_softmax_from_noise",
-    "gumbel_softmax_function",
     "perturb",
 ]
 
@@ -168,29 +167,24 @@ class _GumbelSoftmaxForwardAD(GumbelSoftmaxFunction):
         return (dy, dy) if ctx.mode == HARD else dy
 
 
-def gumbel_softmax_function() -> type[GumbelSoftmaxFunction]:
-    """The Function to apply: with a ``jvp`` only when forward-mode AD is active (``torch.func.jvp``,
-    ``jacfwd``, ``torch.autograd.forward_ad``), never while dynamo traces."""
-    if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
-        return _GumbelSoftmaxForwardAD
-    return GumbelSoftmaxFunction
-
-
 def apply_gumbel_softmax(logits: Tensor, tau_t: Tensor | None, tau: float, seed: Tensor | None,
                          mask: Tensor | None, dim: int, mode: int, noise: Tensor | None):
     """``GumbelSoftmaxFunction.apply(...)``, or just its forward when nothing will be differentiated.
 
-    ``Function.apply`` costs about 50 us per call, as much as the whole forward on small
-    inputs, so it is skipped when no gradient is recorded (grad mode off, or neither ``logits``
-    nor a tensor ``tau`` requires one) and forward-mode AD is off. Under ``vmap`` the forward
-    alone batches through the operator's own vmap rule, as ``generate_vmap_rule`` does.
+    While forward-mode AD is active (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
+    the Function with a ``jvp`` is applied, never while dynamo traces (it cannot trace a custom
+    ``jvp`` under ``fullgraph=True``). ``Function.apply`` costs about 50 us per call, as much as
+    the whole forward on small inputs, so it is skipped when no gradient is recorded (grad mode
+    off, or neither ``logits`` nor a tensor ``tau`` requires one) and forward-mode AD is off.
+    Under ``vmap`` the forward alone batches through the operator's own vmap rule, as
+    ``generate_vmap_rule`` does.
     """
-    differentiated = torch.is_grad_enabled() and (
-        logits.requires_grad or (tau_t is not None and tau_t.requires_grad))
-    fwd_ad = not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
-    if differentiated or fwd_ad:
-        return gumbel_softmax_function().apply(logits, tau_t, tau, seed, mask, dim, mode, noise)
-    return GumbelSoftmaxFunction.forward(logits, tau_t, tau, seed, mask, dim, mode, noise)
+    args = (logits, tau_t, tau, seed, mask, dim, mode, noise)
+    if not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
+        return _GumbelSoftmaxForwardAD.apply(*args)
+    if torch.is_grad_enabled() and (logits.requires_grad or (tau_t is not None and tau_t.requires_grad)):
+        return GumbelSoftmaxFunction.apply(*args)
+    return GumbelSoftmaxFunction.forward(*args)
 
 
 def gumbel_softmax_from_noise(logits: Tensor, tau: float | Tensor, noise: Tensor, mask: Tensor | None,
